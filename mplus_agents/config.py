@@ -1,0 +1,126 @@
+"""Memory configuration: the sizes and policies of SPEC sections 1, 3 and 4, in one frozen dataclass.
+
+Two presets matter. `MemoryConfig()` is the training-free `input` source tuned for small chat models
+(DESIGN 3, 5): whole retrieval blocks, one selection shared by every layer, oldest-first overflow into the
+long-term store, no time-based eviction. `MemoryConfig.mplus()` reproduces the released M+ numbers (SPEC 1,
+4.3, 6.1) for the `output` source: K=256 tokens per chunk, 10,240 pool tokens, 2,560 retrieved tokens,
+random per-layer drops, recall-frequency decay every 60 injections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Source = Literal["input", "output"]
+DropPolicy = Literal["random", "oldest"]
+Selection = Literal["shared", "per_layer"]
+Scorer = Literal["sigmoid_mean", "max_logit"]
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Sizes are per layer and counted in memory tokens."""
+
+    source: Source = "input"
+    """`input`: exact K/V of the injected tokens (any model). `output`: M+ as trained (layer outputs)."""
+    pool_size: int = 2048
+    """N, the short-term pool. Always attended; overflow moves to the long-term store."""
+    retrieve_tokens: int = 1024
+    """K0, long-term tokens placed in the prefix at generation (fewer while the store is smaller)."""
+    tokens_per_chunk: int = 256
+    """K, new memory tokens per chunk for the `output` source (the `input` source keeps every token)."""
+    chunk_size: int = 512
+    """Injected text is split into chunks of at most this many tokens (SPEC 3.3)."""
+    min_chunk: int = 17
+    """No chunk is shorter than this; shorter tails are merged into their neighbour (SPEC 3.3)."""
+    injection_context: int = 512
+    """`input` source: newest pool tokens a chunk attends to while it is encoded (M+ uses K)."""
+    drop_policy: DropPolicy = "oldest"
+    """Which pool tokens leave for the long-term store on overflow: `random` per layer (M+) or `oldest`."""
+    selection: Selection = "shared"
+    """`per_layer`: each layer retrieves with its own queries (M+). `shared`: one block selection for all."""
+    block_size: int = 64
+    """Retrieval granularity in tokens; 1 is single-token retrieval as in M+."""
+    scorer: Scorer = "max_logit"
+    """Training-free score: `sigmoid_mean` (SPEC 4.5 on pre-RoPE q.k) or `max_logit` (best query token)."""
+    score_layers: tuple[int, ...] | None = None
+    """Layers whose queries score long-term blocks in `shared` mode; None means every layer."""
+    ltm_merge_every: int = 1
+    """Injections between merges of the staging cache into the long-term store (M+: 60)."""
+    ltm_initial_rf: float = 10.0
+    """Recall frequency given to entries when they enter the long-term store."""
+    ltm_decay: float = 0.0
+    """Subtracted from every recall frequency at each merge; entries at or below 0.01 are evicted."""
+    ltm_recall_bonus: float = 0.0
+    """Added to an entry's recall frequency each time it is retrieved (M+ inference never does)."""
+    ltm_max_tokens: int | None = None
+    """Hard cap per layer; the oldest entries are evicted beyond it. None: unbounded."""
+    ltm_dtype: str | None = None
+    """Storage dtype of the long-term store (`bfloat16` halves RAM); None: the model's dtype."""
+    seed: int = 0
+    """Seeds the random drops so that a memory replayed from its ledger is bit-identical."""
+
+    def __post_init__(self) -> None:
+        positive = ("pool_size", "tokens_per_chunk", "chunk_size", "min_chunk", "block_size", "ltm_merge_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"MemoryConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.retrieve_tokens < 0 or self.injection_context < 0:
+            raise ValueError("MemoryConfig.retrieve_tokens and injection_context must be >= 0")
+        if 2 * self.min_chunk > self.chunk_size + 1:
+            raise ValueError(
+                f"chunk_size ({self.chunk_size}) must be at least 2*min_chunk-1 ({2 * self.min_chunk - 1}) so a "
+                "short tail can be rebalanced with its neighbour"
+            )
+        if self.source == "output" and self.tokens_per_chunk > self.pool_size:
+            raise ValueError("tokens_per_chunk cannot exceed pool_size")
+        if self.source == "input" and self.chunk_size > self.pool_size:
+            raise ValueError("chunk_size cannot exceed pool_size for the input source")
+        if self.selection == "shared" and self.drop_policy == "random":
+            raise ValueError(
+                "selection='shared' needs drop_policy='oldest': random per-layer drops leave each layer "
+                "a different long-term store, so one shared selection cannot address them"
+            )
+        if self.source not in ("input", "output"):
+            raise ValueError(f"unknown memory source {self.source!r}")
+        if self.ltm_decay < 0 or self.ltm_initial_rf <= 0:
+            raise ValueError("ltm_decay must be >= 0 and ltm_initial_rf > 0")
+        if self.ltm_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"ltm_dtype must be float32, bfloat16 or float16, got {self.ltm_dtype!r}")
+
+    @classmethod
+    def mplus(cls, **overrides: Any) -> MemoryConfig:
+        """The released mplus-8b settings (SPEC 6.1) for the `output` source."""
+        base: dict[str, Any] = dict(
+            source="output",
+            pool_size=10240,
+            retrieve_tokens=2560,
+            tokens_per_chunk=256,
+            chunk_size=512,
+            min_chunk=17,
+            drop_policy="random",
+            selection="per_layer",
+            block_size=1,
+            scorer="sigmoid_mean",
+            ltm_merge_every=60,
+            ltm_initial_rf=10.0,
+            ltm_decay=1.0,
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def replace(self, **changes: Any) -> MemoryConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> MemoryConfig:
+        data = json.loads(text)
+        if data.get("score_layers") is not None:
+            data["score_layers"] = tuple(data["score_layers"])
+        return cls(**data)

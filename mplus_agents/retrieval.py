@@ -1,0 +1,113 @@
+"""Long-term retrieval (SPEC 4.5, DESIGN 5): score candidates with the prompt's queries, pick, order.
+
+This is the exact torch reference. Faster paths (faiss shortlists, Triton kernels) must return what these
+functions return; their tests compare against them.
+
+Scores are training-free by default: the layer's own pre-RoPE queries against the stored pre-RoPE keys, i.e.
+content similarity in the geometry the layer already attends with. `sigmoid_mean` is SPEC 4.5's formula
+(mean over query tokens and heads of sigmoid(q.k)); `max_logit` keeps the best-matching query token, which
+suits chat questions where one or two words carry the match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mplus_agents.ops import order_oldest_first
+
+SCORE_CHUNK = 65536
+"""Candidates scored per matmul, which bounds the [T, heads, chunk] temporary."""
+
+
+def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
+    """Score each candidate key against a set of queries.
+
+    q: [T, heads, head_dim] pre-RoPE queries of the prompt's query tokens.
+    k: [n, kv_heads, head_dim] pre-RoPE candidate keys.
+    Returns [n] float32 scores.
+    """
+    t, heads, head_dim = q.shape
+    n, kv_heads, _ = k.shape
+    if n == 0 or t == 0:
+        return torch.zeros(n, dtype=torch.float32, device=k.device)
+    groups = heads // kv_heads
+    # [kv_heads, T*groups, head_dim]: query heads grouped under the KV head they read (GQA).
+    qg = q.to(k.dtype).reshape(t, kv_heads, groups, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, t * groups, head_dim)
+    scale = 1.0 / math.sqrt(head_dim)
+    out = torch.empty(n, dtype=torch.float32, device=k.device)
+    for start in range(0, n, SCORE_CHUNK):
+        kc = k[start : start + SCORE_CHUNK].permute(1, 2, 0)  # [kv_heads, head_dim, c]
+        logits = torch.bmm(qg, kc).float() * scale  # [kv_heads, T*groups, c]
+        logits = logits.view(kv_heads, t, groups, -1)
+        if scorer == "sigmoid_mean":
+            out[start : start + kc.shape[-1]] = torch.sigmoid(logits).mean(dim=(0, 1, 2))
+        elif scorer == "max_logit":
+            out[start : start + kc.shape[-1]] = logits.mean(dim=(0, 2)).amax(dim=0)
+        else:
+            raise ValueError(f"unknown scorer {scorer!r}")
+    return out
+
+
+def projector_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """SPEC 4.5 with a trained retriever: mean_t sigmoid(f_q(x_t) . f_k(m_j)), no scaling.
+
+    q: [T, d_proj]; keys: [n, d_proj]. Returns [n] float32.
+    """
+    if keys.shape[0] == 0 or q.shape[0] == 0:
+        return torch.zeros(keys.shape[0], dtype=torch.float32, device=keys.device)
+    out = torch.empty(keys.shape[0], dtype=torch.float32, device=keys.device)
+    qc = q.to(keys.dtype)
+    for start in range(0, keys.shape[0], SCORE_CHUNK):
+        out[start : start + SCORE_CHUNK] = torch.sigmoid((qc @ keys[start : start + SCORE_CHUNK].T).float()).mean(0)
+    return out
+
+
+def block_scores(scores: torch.Tensor, block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduce token scores to block scores (max over the block's tokens).
+
+    Returns (block ids [b], block scores [b], inverse [n] mapping each token to its block's row).
+    """
+    ids, inverse = torch.unique(block, return_inverse=True)
+    best = torch.full((ids.numel(),), -math.inf, dtype=torch.float32, device=scores.device)
+    best = best.scatter_reduce(0, inverse, scores.float(), reduce="amax", include_self=True)
+    return ids, best, inverse
+
+
+def select_tokens(
+    scores: torch.Tensor, block: torch.Tensor, age: torch.Tensor, budget: int, *, exact: bool
+) -> torch.Tensor:
+    """Pick whole best-scoring blocks until `budget` tokens, return their token indices oldest first.
+
+    With `exact`, the last block is cut so exactly min(budget, n) tokens come back: every layer then has the
+    same prefix length, which `per_layer` selection needs (SPEC 4.5 always places K0 tokens). Ties between
+    equal scores go to the newer block. With block ids unique per token this is plain token top-k.
+    """
+    n = scores.numel()
+    if budget <= 0 or n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=scores.device)
+    if n <= budget:
+        return order_oldest_first(age, torch.arange(n, device=scores.device))
+    ids, best, inverse = block_scores(scores, block)
+    sizes = torch.bincount(inverse, minlength=ids.numel())
+    # Sort by score, ties to the newer (larger id) block; a stable two-key sort.
+    by_id = torch.argsort(ids, descending=True)
+    rank = by_id[torch.argsort(best[by_id], descending=True, stable=True)]
+    cum = torch.cumsum(sizes[rank], dim=0)
+    if exact:
+        take = int(torch.searchsorted(cum, torch.tensor(budget, device=cum.device), right=False)) + 1
+    else:
+        take = max(1, int((cum <= budget).sum()))
+    chosen = torch.zeros(ids.numel(), dtype=torch.bool, device=scores.device)
+    chosen[rank[:take]] = True
+    index = torch.nonzero(chosen[inverse]).flatten()
+    if exact and index.numel() > budget:
+        # The last chosen block is only partly taken: keep its best-scoring tokens.
+        last = rank[take - 1]
+        full = index[inverse[index] != last]
+        partial = index[inverse[index] == last]
+        keep = budget - full.numel()
+        partial = partial[scores[partial].topk(keep).indices]
+        index = torch.cat([full, partial])
+    return order_oldest_first(age, index)

@@ -1,0 +1,187 @@
+"""Per-user memory state (DESIGN 2): plain tensors, never `nn.Parameter`, so one model serves many users.
+
+Every store is laid out per layer, `[L, n, ...]`. All layers always hold the same number of tokens: each
+injection adds the same count to every layer and every drop or eviction removes the same count, so one
+tensor per field is enough and nothing is ragged.
+
+Keys are stored *before* RoPE: positions of memory tokens change every time the pool drops or the retrieved
+set changes, so rotation is applied when the prefix is assembled (DESIGN 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from mplus_agents.config import MemoryConfig
+
+OPTIONAL_FIELDS = ("hidden", "score_key", "rf")
+
+
+@dataclass
+class TokenStore:
+    """A set of memory tokens for every layer."""
+
+    k: torch.Tensor
+    """[L, n, kv_heads, head_dim] keys before RoPE."""
+    v: torch.Tensor
+    """[L, n, kv_heads, head_dim] values."""
+    age: torch.Tensor
+    """[L, n] int64, injected tokens since this token was injected."""
+    block: torch.Tensor
+    """[L, n] int64, retrieval block id (blocks never span two chunks)."""
+    hidden: torch.Tensor | None = None
+    """[L, n, d] memory vectors of the `output` source (needed to re-read them under another adapter)."""
+    score_key: torch.Tensor | None = None
+    """[L, n, d_proj] keys of a trained retriever, computed once when the token is dropped (SPEC 4.3)."""
+    rf: torch.Tensor | None = None
+    """[L, n] float32 recall frequencies (long-term store only)."""
+
+    @classmethod
+    def empty(
+        cls,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        hidden_size: int | None = None,
+        score_dim: int | None = None,
+        with_rf: bool = False,
+    ) -> TokenStore:
+        def z(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            return torch.zeros(layers, 0, *shape, dtype=dt, device=device)
+
+        return cls(
+            k=z(kv_heads, head_dim),
+            v=z(kv_heads, head_dim),
+            age=torch.zeros(layers, 0, dtype=torch.int64, device=device),
+            block=torch.zeros(layers, 0, dtype=torch.int64, device=device),
+            hidden=z(hidden_size) if hidden_size is not None else None,
+            score_key=z(score_dim) if score_dim is not None else None,
+            rf=torch.zeros(layers, 0, dtype=torch.float32, device=device) if with_rf else None,
+        )
+
+    def __len__(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def layers(self) -> int:
+        return int(self.k.shape[0])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = value
+        return out
+
+    def take(self, index: torch.Tensor) -> TokenStore:
+        """Gather tokens per layer; `index` is [L, m] (per-layer choice) or [m] (same for every layer)."""
+        if index.dim() == 1:
+            return TokenStore(**{name: t[:, index] for name, t in self.tensors().items()})
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            idx = index.to(t.device)
+            view = idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+            return torch.gather(t, 1, view)
+
+        return TokenStore(**{name: gather(t) for name, t in self.tensors().items()})
+
+    def cat(self, other: TokenStore) -> TokenStore:
+        """Append `other` after `self`. Fields missing on one side are an error, not silently dropped."""
+        mine, theirs = self.tensors(), other.tensors()
+        if mine.keys() != theirs.keys():
+            raise ValueError(f"cannot concatenate stores with fields {sorted(mine)} and {sorted(theirs)}")
+        return TokenStore(**{n: torch.cat([mine[n], theirs[n].to(mine[n].dtype)], dim=1) for n in mine})
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> TokenStore:
+        """Move to a device; cast only the floating vectors (ages, ids and counters keep their types)."""
+        out = {}
+        for name, t in self.tensors().items():
+            cast = dtype if (dtype is not None and name in ("k", "v", "hidden", "score_key")) else None
+            out[name] = t.to(device=device if device is not None else t.device, dtype=cast or t.dtype)
+        return TokenStore(**out)
+
+    def clone(self) -> TokenStore:
+        return TokenStore(**{name: t.clone() for name, t in self.tensors().items()})
+
+
+@dataclass
+class MemoryState:
+    """Everything one user's latent memory holds. Pure data; `mplus_agents.ops` transforms it."""
+
+    config: MemoryConfig
+    pool: TokenStore
+    """Short-term memory (STM), oldest first, at most `config.pool_size` tokens."""
+    ltm: TokenStore
+    """Long-term memory (LTM), merged entries with recall frequencies."""
+    staging: TokenStore
+    """Dropped tokens not yet merged into `ltm` (searchable at once, DESIGN 8.3)."""
+    injections: int = 0
+    """Chunks injected so far."""
+    tokens_injected: int = 0
+    """Tokens of text injected so far (not memory tokens)."""
+    next_block: int = 0
+    """Next free retrieval-block id."""
+    since_merge: int = 0
+    """Injections since the staging cache was last merged."""
+    rng_state: torch.Tensor = field(default_factory=lambda: torch.Generator().manual_seed(0).get_state())
+    """CPU generator state for random drops, so a replay is deterministic."""
+
+    def clone(self) -> MemoryState:
+        return MemoryState(
+            config=self.config,
+            pool=self.pool.clone(),
+            ltm=self.ltm.clone(),
+            staging=self.staging.clone(),
+            injections=self.injections,
+            tokens_injected=self.tokens_injected,
+            next_block=self.next_block,
+            since_merge=self.since_merge,
+            rng_state=self.rng_state.clone(),
+        )
+
+    def long_term_size(self) -> int:
+        return len(self.ltm) + len(self.staging)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor map, the unit of persistence."""
+        out: dict[str, torch.Tensor] = {}
+        for part in ("pool", "ltm", "staging"):
+            for name, t in getattr(self, part).tensors().items():
+                out[f"{part}.{name}"] = t
+        out["rng_state"] = self.rng_state
+        out["counters"] = torch.tensor(
+            [self.injections, self.tokens_injected, self.next_block, self.since_merge], dtype=torch.int64
+        )
+        return out
+
+    @classmethod
+    def from_tensors(cls, config: MemoryConfig, tensors: dict[str, torch.Tensor]) -> MemoryState:
+        parts: dict[str, dict[str, torch.Tensor]] = {"pool": {}, "ltm": {}, "staging": {}}
+        for key, t in tensors.items():
+            if "." in key:
+                part, name = key.split(".", 1)
+                if part not in parts:
+                    raise ValueError(f"unexpected memory tensor {key!r}")
+                parts[part][name] = t
+        for part, found in parts.items():
+            missing = {"k", "v", "age", "block"} - found.keys()
+            if missing:
+                raise ValueError(f"memory tensors for {part!r} are missing {sorted(missing)}")
+        counters = tensors["counters"].tolist()
+        return cls(
+            config=config,
+            pool=TokenStore(**parts["pool"]),
+            ltm=TokenStore(**parts["ltm"]),
+            staging=TokenStore(**parts["staging"]),
+            injections=int(counters[0]),
+            tokens_injected=int(counters[1]),
+            next_block=int(counters[2]),
+            since_merge=int(counters[3]),
+            rng_state=tensors["rng_state"].to(torch.uint8),
+        )

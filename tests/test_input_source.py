@@ -1,0 +1,87 @@
+"""The `input` source is exact: with nothing dropped, memory equals the same text in context (DESIGN 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from mplus_agents import MemoryConfig, MPlusLLM
+from tests.conftest import CharTokenizer, tiny_llama, tiny_qwen3
+
+
+def plain_logits(llm: MPlusLLM, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return llm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+
+def memory_logits(llm: MPlusLLM, mem, prompt_ids: list[int]) -> torch.Tensor:
+    sink = llm.sink(mem.config)
+    with torch.no_grad():
+        logits, _, _, _ = llm.engine.read(
+            mem.state, sink, torch.tensor(prompt_ids), torch.arange(len(prompt_ids))
+        )
+    return logits
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen3])
+def test_one_chunk_equals_context_tiny(make) -> None:
+    llm = MPlusLLM(make(), CharTokenizer(), MemoryConfig(pool_size=512, chunk_size=256))
+    mem = llm.new_memory()
+    text = "the quick brown fox jumps over the lazy dog and remembers 4812"
+    mem.inject(text)
+    prompt = llm.encode("what is the code")
+    header = [1]  # plain frame: the BOS token is the sink
+    ids = header + llm.encode(text) + prompt
+    assert rel_err(memory_logits(llm, mem, prompt), plain_logits(llm, ids)) < 1e-4
+
+
+def test_many_chunks_equal_context_when_injection_sees_everything() -> None:
+    cfg = MemoryConfig(pool_size=1024, chunk_size=40, min_chunk=17, injection_context=1024)
+    llm = MPlusLLM(tiny_llama(), CharTokenizer(), cfg)
+    mem = llm.new_memory()
+    texts = ["alpha beta gamma delta epsilon zeta", "eta theta iota kappa lambda mu nu xi omicron pi rho"]
+    for t in texts:
+        mem.inject(t)
+    assert mem.stats().injections >= 3
+    prompt = llm.encode("sigma tau")
+    ids = [1] + sum((llm.encode(t) for t in texts), []) + prompt
+    assert rel_err(memory_logits(llm, mem, prompt), plain_logits(llm, ids)) < 1e-4
+
+
+def test_empty_memory_equals_vanilla_model() -> None:
+    llm = MPlusLLM(tiny_llama(), CharTokenizer())
+    mem = llm.new_memory()
+    prompt = llm.encode("hello there")
+    got = memory_logits(llm, mem, prompt)
+    want = plain_logits(llm, [1] + prompt)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    # and generation text is identical to greedy decoding of the plain model
+    reply = llm.chat("hello there", memory=mem, max_new_tokens=8)
+    ids = [1] + prompt
+    out = []
+    cache = DynamicCache()
+    with torch.no_grad():
+        logits = llm.model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+        for _ in range(8):
+            tok = int(logits.argmax())
+            if tok == 2:
+                break
+            out.append(tok)
+            logits = llm.model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    assert reply == llm.tokenizer.decode(out)
+
+
+@pytest.mark.slow
+def test_one_chunk_equals_context_smollm2(smol: MPlusLLM) -> None:
+    mem = smol.new_memory()
+    text = "My sister Alice lives in Oslo and keeps bees. Her favourite number is 37."
+    mem.inject(text, role="user")
+    prompt = smol.chat_prompt([{"role": "user", "content": "Where does Alice live?"}])
+    sink_ids = smol.encode(smol.frame.header)
+    ids = sink_ids + smol.encode(smol.frame.render_item(text, "user")) + prompt.ids.tolist()
+    assert rel_err(memory_logits(smol, mem, prompt.ids.tolist()), plain_logits(smol, ids)) < 1e-4
