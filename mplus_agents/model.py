@@ -7,6 +7,7 @@ current message (and whatever recent messages the caller passes); everything old
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,20 @@ class Generation:
     prompt_tokens: int
 
 
+MAX_USER_ID = 256
+
+
+def validate_user_id(user_id: object) -> str:
+    """User ids are opaque strings; they are never used as paths (stores hash or escape them)."""
+    if not isinstance(user_id, str):
+        raise InvalidInputError(f"user_id must be a str, got {type(user_id).__name__}")
+    if not user_id.strip():
+        raise InvalidInputError("user_id is empty")
+    if len(user_id) > MAX_USER_ID or "\x00" in user_id:
+        raise InvalidInputError(f"user_id must be at most {MAX_USER_ID} characters with no NUL bytes")
+    return user_id
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -67,6 +82,8 @@ class MPlusLLM:
         self.engine = Engine(model, weights)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self._sinks: dict[str, Sink] = {}
+        self._memories: dict[str, LatentMemory] = {}
+        self._memories_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction
 
@@ -119,6 +136,20 @@ class MPlusLLM:
 
     def new_memory(self, config: MemoryConfig | None = None, *, user_id: str | None = None) -> LatentMemory:
         return LatentMemory(self, config or self.config, user_id=user_id)
+
+    def memory(self, user_id: str, store: Any = None) -> LatentMemory:
+        """Open (or create) `user_id`'s latent memory.
+
+        With `store=None` memories live in this process only (one object per user id, so every caller sees
+        the same memory). With a `MemoryStore` they are loaded from and saved to it.
+        """
+        user_id = validate_user_id(user_id)
+        if store is not None:
+            return store.open(self, user_id)  # type: ignore[no-any-return]
+        with self._memories_lock:
+            if user_id not in self._memories:
+                self._memories[user_id] = self.new_memory(user_id=user_id)
+            return self._memories[user_id]
 
     def empty_state(self, config: MemoryConfig) -> MemoryState:
         s = self.engine.arch.shapes
