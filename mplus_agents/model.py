@@ -84,6 +84,9 @@ class MPlusLLM:
         self._sinks: dict[str, Sink] = {}
         self._memories: dict[str, LatentMemory] = {}
         self._memories_lock = threading.Lock()
+        self.hook_lock = threading.RLock()
+        """Serialises passes that attach hooks to the shared model (reads and injections), so two threads
+        never see each other's hooks. Plain decode steps attach none and run concurrently."""
 
     # ------------------------------------------------------------------ construction
 
@@ -204,15 +207,17 @@ class MPlusLLM:
         pending: list[int] = []
         if cfg.source == "output" and chunks and len(chunks[-1]) < cfg.min_chunk:
             pending = chunks.pop()
-        sink = self.sink(cfg)
+        with self.hook_lock:
+            sink = self.sink(cfg)
         done = 0
         new = state
         for chunk in chunks:
             chunk_ids = torch.tensor(chunk, dtype=torch.long)
-            if cfg.source == "input":
-                new = self.engine.inject_input(new, sink, chunk_ids)
-            else:
-                new = self.engine.inject_output(new, sink, chunk_ids)
+            with self.hook_lock:
+                if cfg.source == "input":
+                    new = self.engine.inject_input(new, sink, chunk_ids)
+                else:
+                    new = self.engine.inject_output(new, sink, chunk_ids)
             done += len(chunk)
             if progress is not None:
                 progress(done, len(ids) - len(pending))
@@ -259,8 +264,8 @@ class MPlusLLM:
             state = mem.state
         if prompt.ids.numel() == 0:
             raise InvalidInputError("empty prompt")
-        sink = self.sink(state.config)
-        with torch.no_grad():
+        with self.hook_lock, torch.no_grad():
+            sink = self.sink(state.config)
             logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index)
         result = DecodeResult()
         position = [pos]
