@@ -59,6 +59,8 @@ def add_to_pool(state: MemoryState, new: TokenStore, *, key_fn: KeyFn | None = N
     count = len(new)
     if count == 0:
         raise ValueError("a chunk must add at least one memory token")
+    if count > cfg.pool_size:
+        raise ValueError(f"a chunk adds {count} memory tokens but the pool holds only {cfg.pool_size}")
     new = TokenStore(**new.tensors())
     new.age = new_token_ages(new.layers, count, new.k.device)
     new.block = (state.next_block + torch.arange(count, device=new.k.device) // cfg.block_size).expand(
@@ -69,8 +71,12 @@ def add_to_pool(state: MemoryState, new: TokenStore, *, key_fn: KeyFn | None = N
     generator = torch.Generator().manual_seed(0)
     generator.set_state(state.rng_state.clone())
 
-    pool = advance_ages(state.pool, count).cat(new)
-    kept, dropped = split_overflow(pool, cfg.pool_size, cfg.drop_policy, generator)
+    # Only tokens already in the pool compete for the remaining places: the new chunk always lands whole on
+    # the right (SPEC 3.2), so pool[-K:] is exactly the last chunk's memory, which the next injection reads.
+    kept_old, dropped = split_overflow(
+        advance_ages(state.pool, count), cfg.pool_size - count, cfg.drop_policy, generator
+    )
+    kept = kept_old.cat(new)
     staging = advance_ages(state.staging, count)
     if len(dropped):
         if key_fn is not None:
