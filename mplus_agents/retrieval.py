@@ -34,7 +34,8 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.float32, device=k.device)
     groups = heads // kv_heads
     # [kv_heads, T*groups, head_dim]: query heads grouped under the KV head they read (GQA).
-    qg = q.to(k.dtype).reshape(t, kv_heads, groups, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, t * groups, head_dim)
+    qg = q.to(k.dtype).reshape(t, kv_heads, groups, head_dim).permute(1, 0, 2, 3)
+    qg = qg.reshape(kv_heads, t * groups, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
     out = torch.empty(n, dtype=torch.float32, device=k.device)
     for start in range(0, n, SCORE_CHUNK):
@@ -81,8 +82,10 @@ def select_tokens(
     """Pick whole best-scoring blocks until `budget` tokens, return their token indices oldest first.
 
     With `exact`, the last block is cut so exactly min(budget, n) tokens come back: every layer then has the
-    same prefix length, which `per_layer` selection needs (SPEC 4.5 always places K0 tokens). Ties between
-    equal scores go to the newer block. With block ids unique per token this is plain token top-k.
+    same prefix length, which `per_layer` selection needs (SPEC 4.5 always places K0 tokens). Without it only
+    whole blocks are taken (at most `budget` tokens; the best block is cut only when it alone is larger than
+    the budget). Ties between equal scores go to the newer block. With block ids unique per token this is
+    plain token top-k.
     """
     n = scores.numel()
     if budget <= 0 or n == 0:
@@ -98,7 +101,10 @@ def select_tokens(
     if exact:
         take = int(torch.searchsorted(cum, torch.tensor(budget, device=cum.device), right=False)) + 1
     else:
-        take = max(1, int((cum <= budget).sum()))
+        take = int((cum <= budget).sum())
+        if take == 0:
+            # Not even the best block fits: cut it rather than overrun the budget, which bounds the prefix.
+            take, exact = 1, True
     chosen = torch.zeros(ids.numel(), dtype=torch.bool, device=scores.device)
     chosen[rank[:take]] = True
     index = torch.nonzero(chosen[inverse]).flatten()
