@@ -58,6 +58,46 @@ class ReadInfo:
     """Block ids retrieved, per layer (one entry for a `shared` selection)."""
 
 
+class Candidates:
+    """The searchable long-term tokens: merged store then staging cache (DESIGN 8.3), never concatenated.
+
+    Concatenating would copy the whole long-term store (gigabytes at 160k tokens) on every read; instead each
+    part is scored in place and only the selected rows are gathered.
+    """
+
+    def __init__(self, state: MemoryState) -> None:
+        self.parts = [p for p in (state.ltm, state.staging) if len(p)]
+        self.offsets = [0]
+        for p in self.parts:
+            self.offsets.append(self.offsets[-1] + len(p))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def scores(self, layer: int, q: torch.Tensor, scorer: str) -> torch.Tensor:
+        return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer) for p in self.parts])
+
+    def field(self, name: str, layer: int) -> torch.Tensor:
+        return torch.cat([getattr(p, name)[layer] for p in self.parts])
+
+    def gather(self, name: str, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (into the concatenation, order kept) of field `name` in one layer."""
+        first = getattr(self.parts[0], name)
+        out = torch.empty(index.numel(), *first.shape[2:], dtype=first.dtype, device=first.device)
+        for p, lo, hi in zip(self.parts, self.offsets, self.offsets[1:], strict=False):
+            mask = (index >= lo) & (index < hi)
+            if bool(mask.any()):
+                out[mask] = getattr(p, name)[layer, index[mask] - lo].to(out.dtype)
+        return out
+
+    def take_shared(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [L, m, kv_heads, head_dim] of the same rows in every layer."""
+        layers = self.parts[0].layers
+        k = torch.stack([self.gather("k", layer, index) for layer in range(layers)])
+        v = torch.stack([self.gather("v", layer, index) for layer in range(layers)])
+        return k, v
+
+
 class Engine:
     """Stateless over users: every method takes the user's `MemoryState` and returns a new one."""
 
@@ -211,12 +251,6 @@ class Engine:
 
     # ------------------------------------------------------------------ read path
 
-    def _candidates(self, state: MemoryState) -> TokenStore:
-        """Long-term candidates: merged store then staging cache (both searchable, DESIGN 8.3)."""
-        ltm = TokenStore(k=state.ltm.k, v=state.ltm.v, age=state.ltm.age, block=state.ltm.block)
-        stg = TokenStore(k=state.staging.k, v=state.staging.v, age=state.staging.age, block=state.staging.block)
-        return ltm.cat(stg) if len(stg) else ltm
-
     def _queries(self, layer: int, hidden: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
         x = hidden[0, query_index.to(hidden.device)]
         return self.arch.q_from_normed(layer, self.arch.normed(layer, x))
@@ -230,7 +264,7 @@ class Engine:
         `query_index` selects the prompt tokens whose queries score the long-term store.
         """
         cfg = state.config
-        cand = self._candidates(state)
+        cand = Candidates(state)
         pool = state.pool
         budget = min(cfg.retrieve_tokens, len(cand))
         with torch.no_grad():
@@ -238,15 +272,20 @@ class Engine:
                 return self._read_fixed(sink, None, pool, ids, [])
             if cfg.selection == "shared":
                 index = self._shared_selection(state, sink, cand, ids, query_index)
-                blocks = [sorted(set(cand.block[0, index.to(cand.block.device)].tolist()))]
-                return self._read_fixed(sink, cand.take(index), pool, ids, blocks)
+                blocks = [sorted(set(cand.gather("block", 0, index).tolist()))]
+                return self._read_fixed(sink, cand.take_shared(index), pool, ids, blocks)
             return self._read_per_layer(state, sink, cand, ids, query_index, budget)
 
     def _read_fixed(
-        self, sink: Sink, retrieved: TokenStore | None, pool: TokenStore, ids: torch.Tensor, blocks: list[list[int]]
+        self,
+        sink: Sink,
+        retrieved: tuple[torch.Tensor, torch.Tensor] | None,
+        pool: TokenStore,
+        ids: torch.Tensor,
+        blocks: list[list[int]],
     ) -> tuple[torch.Tensor, DynamicCache, int, ReadInfo]:
-        parts_k = [sink.k] + ([retrieved.k] if retrieved is not None else []) + [pool.k]
-        parts_v = [sink.v] + ([retrieved.v] if retrieved is not None else []) + [pool.v]
+        parts_k = [sink.k] + ([retrieved[0]] if retrieved is not None else []) + [pool.k]
+        parts_v = [sink.v] + ([retrieved[1]] if retrieved is not None else []) + [pool.v]
         dtype = self.arch.dtype
         k = torch.cat([p.to(dtype) for p in parts_k], dim=1)
         v = torch.cat([p.to(dtype) for p in parts_v], dim=1)
@@ -257,13 +296,13 @@ class Engine:
             prefix_tokens=prefix,
             sink_tokens=len(sink),
             pool_tokens=len(pool),
-            retrieved_tokens=len(retrieved) if retrieved is not None else 0,
+            retrieved_tokens=int(retrieved[0].shape[1]) if retrieved is not None else 0,
             retrieved_blocks=blocks,
         )
         return logits[-1], cache, prefix + int(ids.numel()), info
 
     def _shared_selection(
-        self, state: MemoryState, sink: Sink, cand: TokenStore, ids: torch.Tensor, query_index: torch.Tensor
+        self, state: MemoryState, sink: Sink, cand: Candidates, ids: torch.Tensor, query_index: torch.Tensor
     ) -> torch.Tensor:
         """One selection for all layers: a pre-pass over [sink, pool] gives every layer's queries."""
         cfg = state.config
@@ -279,18 +318,18 @@ class Engine:
         v = torch.cat([sink.v, state.pool.v.to(sink.v.dtype)], dim=1)
         with layer_hooks(self.arch, pre=pre):
             self.forward(self._rope_cache(k, v), ids, k.shape[1])
-        total = torch.zeros(len(cand), dtype=torch.float32, device=cand.k.device)
+        total = torch.zeros(len(cand), dtype=torch.float32, device=cand.parts[0].k.device)
         for layer, q in queries.items():
-            s = token_scores(q.to(cand.k.device), cand.k[layer], cfg.scorer)
+            s = cand.scores(layer, q, cfg.scorer)
             # Layers score on different scales; standardise so each layer gets one vote of equal weight.
             total += (s - s.mean()) / (s.std() + 1e-6) if s.numel() > 1 else s
-        return select_tokens(total, cand.block[0], cand.age[0], cfg.retrieve_tokens, exact=False)
+        return select_tokens(total, cand.field("block", 0), cand.field("age", 0), cfg.retrieve_tokens, exact=False)
 
     def _read_per_layer(
         self,
         state: MemoryState,
         sink: Sink,
-        cand: TokenStore,
+        cand: Candidates,
         ids: torch.Tensor,
         query_index: torch.Tensor,
         budget: int,
@@ -308,15 +347,15 @@ class Engine:
         blocks: list[list[int]] = []
 
         def pre(layer: int, hidden: torch.Tensor) -> None:
-            q = self._queries(layer, hidden, query_index).to(cand.k.device)
-            scores = token_scores(q, cand.k[layer], cfg.scorer)
-            index = select_tokens(scores, cand.block[layer], cand.age[layer], budget, exact=True)
-            kl = apply_rope(cand.k[layer, index].to(device=device, dtype=dtype), cos, sin)
-            vl = cand.v[layer, index].to(device=device, dtype=dtype)
+            q = self._queries(layer, hidden, query_index)
+            scores = cand.scores(layer, q, cfg.scorer)
+            index = select_tokens(scores, cand.field("block", layer), cand.field("age", layer), budget, exact=True)
+            kl = apply_rope(cand.gather("k", layer, index).to(device=device, dtype=dtype), cos, sin)
+            vl = cand.gather("v", layer, index).to(device=device, dtype=dtype)
             cache_layer = cache.layers[layer]
             cache_layer.keys[0, :, start : start + budget] = kl.permute(1, 0, 2)
             cache_layer.values[0, :, start : start + budget] = vl.permute(1, 0, 2)
-            blocks.append(sorted(set(cand.block[layer, index].tolist())))
+            blocks.append(sorted(set(cand.gather("block", layer, index).tolist())))
 
         prefix = k.shape[1]
         with layer_hooks(self.arch, pre=pre):

@@ -302,7 +302,8 @@ class MPlusLLM:
         elif isinstance(message_or_messages, Sequence):
             messages = message_or_messages
         else:
-            raise InvalidInputError(f"chat() takes a str or a list of messages, got {type(message_or_messages).__name__}")
+            kind = type(message_or_messages).__name__
+            raise InvalidInputError(f"chat() takes a str or a list of messages, got {kind}")
         sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, tuple(stop or ()), seed)
         pending = memory.pending if memory is not None else []
         gen = self.start(self.chat_prompt(messages, pending), memory, sampling)

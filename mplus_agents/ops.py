@@ -21,9 +21,7 @@ EVICT_THRESHOLD = 0.01
 
 def advance_ages(store: TokenStore, amount: int) -> TokenStore:
     """Every token grows older by `amount` injected memory tokens (DESIGN 8.1: time since injection)."""
-    out = TokenStore(**store.tensors())
-    out.age = store.age + amount
-    return out
+    return store.with_fields(age=store.age + amount)
 
 
 def new_token_ages(layers: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -104,14 +102,13 @@ def merge_staging(state: MemoryState) -> MemoryState:
     cfg = state.config
     staged = TokenStore(**state.staging.tensors())
     staged.rf = torch.full(staged.age.shape, cfg.ltm_initial_rf, dtype=torch.float32, device=staged.age.device)
-    ltm = state.ltm.cat(staged)
+    ltm = state.ltm.append(staged)
     assert ltm.rf is not None
     if cfg.ltm_decay > 0 and len(ltm):
         decayed = ltm.rf - cfg.ltm_decay
         alive = decayed > EVICT_THRESHOLD
         alive_counts = alive.sum(dim=1)
-        ltm = TokenStore(**ltm.tensors())
-        ltm.rf = decayed
+        ltm = ltm.with_fields(rf=decayed)
         # Never shrink below the retrieval budget: undo this round's decay instead (SPEC 4.3).
         if int(alive_counts.min()) > cfg.retrieve_tokens:
             ltm = _keep_top(ltm, int(alive_counts.min()), ltm.rf)

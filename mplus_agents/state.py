@@ -10,6 +10,7 @@ set changes, so rotation is applied when the prefix is assembled (DESIGN 4).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -17,6 +18,26 @@ import torch
 from mplus_agents.config import MemoryConfig
 
 OPTIONAL_FIELDS = ("hidden", "score_key", "rf")
+GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key")
+"""Fields kept in growth buffers by `TokenStore.append`; ages and recall counters change on every update anyway."""
+MIN_CAPACITY = 1024
+
+
+@dataclass
+class Growth:
+    """Spare-capacity buffers behind a long-term store, so appending costs O(new) amortised, not O(store).
+
+    `filled` is the length of the newest store viewing these buffers. Only that store may extend them in
+    place; an older view (a state kept after a failed update, a fork) sees a different length and copies
+    instead, so no state ever observes another's writes.
+    """
+
+    data: dict[str, torch.Tensor]
+    filled: int
+
+    @property
+    def capacity(self) -> int:
+        return int(next(iter(self.data.values())).shape[1])
 
 
 @dataclass
@@ -37,6 +58,8 @@ class TokenStore:
     """[L, n, d_proj] keys of a trained retriever, computed once when the token is dropped (SPEC 4.3)."""
     rf: torch.Tensor | None = None
     """[L, n] float32 recall frequencies (long-term store only)."""
+    growth: Growth | None = field(default=None, repr=False, compare=False)
+    """Private: spare capacity for `append` (not data; never persisted)."""
 
     @classmethod
     def empty(
@@ -75,9 +98,40 @@ class TokenStore:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None and f.name != "growth":
                 out[f.name] = value
         return out
+
+    def with_fields(self, **changes: torch.Tensor | None) -> TokenStore:
+        """A copy with some fields replaced; keeps the growth buffers of the untouched big fields."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def append(self, other: TokenStore) -> TokenStore:
+        """Like `cat`, but amortised O(len(other)): the big fields grow in doubling buffers."""
+        mine, theirs = self.tensors(), other.tensors()
+        if mine.keys() != theirs.keys():
+            raise ValueError(f"cannot append stores with fields {sorted(mine)} and {sorted(theirs)}")
+        n, m = len(self), len(other)
+        g = self.growth
+        if g is None or g.filled != n or n + m > g.capacity:
+            capacity = max(MIN_CAPACITY, 2 * (n + m))
+            data = {}
+            for name in GROWN_FIELDS:
+                if name in mine:
+                    t = mine[name]
+                    buf = torch.empty(t.shape[0], capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
+                    buf[:, :n] = t
+                    data[name] = buf
+            g = Growth(data, n)
+        out: dict[str, torch.Tensor] = {}
+        for name, t in mine.items():
+            if name in g.data:
+                g.data[name][:, n : n + m] = theirs[name].to(device=t.device, dtype=t.dtype)
+                out[name] = g.data[name][:, : n + m]
+            else:
+                out[name] = torch.cat([t, theirs[name].to(device=t.device, dtype=t.dtype)], dim=1)
+        g.filled = n + m
+        return TokenStore(**out, growth=g)
 
     def take(self, index: torch.Tensor) -> TokenStore:
         """Gather tokens per layer; `index` is [L, m] (per-layer choice) or [m] (same for every layer)."""
@@ -153,7 +207,7 @@ class MemoryState:
         out: dict[str, torch.Tensor] = {}
         for part in ("pool", "ltm", "staging"):
             for name, t in getattr(self, part).tensors().items():
-                out[f"{part}.{name}"] = t
+                out[f"{part}.{name}"] = t.contiguous()
         out["rng_state"] = self.rng_state
         out["counters"] = torch.tensor(
             [self.injections, self.tokens_injected, self.next_block, self.since_merge], dtype=torch.int64
