@@ -85,3 +85,30 @@ def test_one_chunk_equals_context_smollm2(smol: MPlusLLM) -> None:
     sink_ids = smol.encode(smol.frame.header)
     ids = sink_ids + smol.encode(smol.frame.render_item(text, "user")) + prompt.ids.tolist()
     assert rel_err(memory_logits(smol, mem, prompt.ids.tolist()), plain_logits(smol, ids)) < 1e-4
+
+
+def test_bf16_model_reads_and_writes_memory() -> None:
+    """Nothing is hard-coded to fp32: a bf16 model injects and reads, close to its fp32 twin."""
+    text = "alpha beta gamma delta epsilon zeta eta theta"
+    prompt = [5, 6, 7]
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        llm = MPlusLLM(tiny_llama().to(dtype), CharTokenizer(), MemoryConfig(pool_size=64, chunk_size=32, min_chunk=8))
+        mem = llm.new_memory()
+        mem.inject(text)
+        assert mem.state.pool.k.dtype == dtype
+        results[dtype] = memory_logits(llm, mem, prompt).float()
+    assert rel_err(results[torch.bfloat16], results[torch.float32]) < 5e-2
+
+
+def test_long_term_store_in_bf16_with_fp32_model() -> None:
+    cfg = MemoryConfig(pool_size=40, chunk_size=32, min_chunk=8, retrieve_tokens=16, block_size=4,
+                       ltm_dtype="bfloat16")
+    llm = MPlusLLM(tiny_llama(), CharTokenizer(), cfg)
+    mem = llm.new_memory()
+    for i in range(6):
+        mem.inject(f"turn number {i} with some words")
+    assert mem.stats().long_term_tokens > 0
+    assert mem.state.ltm.k.dtype == torch.bfloat16 or mem.state.staging.k.dtype == torch.bfloat16
+    reply = llm.chat("turn number 2", memory=mem, max_new_tokens=4)
+    assert isinstance(reply, str)
