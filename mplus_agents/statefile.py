@@ -1,0 +1,251 @@
+"""One latent memory in one safetensors file: the format behind `mplus chat --memory PATH` (DESIGN 6).
+
+The SQL-backed `MemoryStore` is the multi-user home for memories; this file format is the simplest durable
+unit: everything a `LatentMemory` holds (`MemoryState.tensors()` plus the pending token ids) and, in the
+safetensors metadata, the `MemoryConfig`, a fingerprint of the model that made it, the library version and
+the format version. No pickle: safetensors holds raw tensors and a JSON header, nothing executable.
+
+Writes are crash-safe: the file is written beside its destination under a temporary name, fsynced and
+renamed over the old one, so a reader sees either the previous memory or the new one, never half of each.
+A sha256 of every tensor's bytes is kept in the metadata, because safetensors itself notices a truncated file
+but not flipped bytes.
+
+Latent memory is only meaningful to the model that wrote it (its keys and values live in that model's
+attention space), so loading checks the fingerprint and refuses another model with `MemoryMismatchError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from mplus_agents import __version__
+from mplus_agents.config import MemoryConfig
+from mplus_agents.errors import MemoryMismatchError, MPlusError
+from mplus_agents.memory import LatentMemory
+from mplus_agents.model import MPlusLLM
+from mplus_agents.state import MemoryState
+
+FORMAT = "mplus-memory"
+FORMAT_VERSION = 1
+PENDING_KEY = "pending"
+SUFFIX = ".mplus"
+
+VOLATILE_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "_model_name_or_path",
+        "_commit_hash",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "use_cache",
+    }
+)
+"""Config keys that change with where or how a model was loaded, not with what it computes."""
+
+FINGERPRINT_FIELDS = ("config_sha256", "vocab_size", "layers", "kv_heads", "head_dim", "name")
+
+
+class MemoryFileError(MPlusError, ValueError):
+    """A memory file that cannot be read: truncated, corrupted, not a memory file, or from a newer format."""
+
+
+def model_fingerprint(llm: MPlusLLM) -> dict[str, Any]:
+    """What must match for a saved memory to mean the same thing to `llm`.
+
+    The architecture config is hashed without the keys that merely record a load path, a dtype or a
+    transformers version, so the same weights moved to another folder or loaded in bf16 still match.
+    """
+    hf_config: Any = getattr(llm.model, "config")  # noqa: B009 (nn.Module's __getattr__ types it as a Tensor)
+    config = json.loads(hf_config.to_json_string())
+    stable = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
+    shapes = llm.engine.arch.shapes
+    return {
+        "name": llm.name,
+        "config_sha256": digest,
+        "vocab_size": int(hf_config.vocab_size),
+        "layers": shapes.layers,
+        "kv_heads": shapes.kv_heads,
+        "head_dim": shapes.head_dim,
+    }
+
+
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{list(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _portable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two tensors sharing storage (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; some platforms cannot open a directory, which is harmless."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_memory(memory: LatentMemory, path: str | Path) -> Path:
+    """Write `memory` to `path` atomically; returns the path written."""
+    path = Path(path).expanduser()
+    with memory.lock:
+        state, pending = memory.state, list(memory.pending)
+        tensors = dict(state.tensors())
+    tensors[PENDING_KEY] = torch.tensor(pending, dtype=torch.int64)
+    tensors = _portable(tensors)
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "library_version": __version__,
+        "memory_config": state.config.to_json(),
+        "model": json.dumps(model_fingerprint(memory.llm), sort_keys=True),
+        "user_id": memory.user_id or "",
+        "sha256": _tensors_sha256(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise MemoryFileError(f"{path} is not a readable memory file (truncated or corrupted?): {e}") from e
+    return metadata, tensors
+
+
+def _check_model(path: Path, saved: dict[str, Any], llm: MPlusLLM) -> None:
+    current = model_fingerprint(llm)
+    differ = [k for k in FINGERPRINT_FIELDS if saved.get(k) != current[k]]
+    if differ:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in differ)
+        raise MemoryMismatchError(
+            f"{path} was made with model {saved.get('name')!r}, not with the loaded model {current['name']!r} "
+            f"({details}). Latent memory only works with the model that wrote it; rebuild it by injecting the "
+            "original text again with this model (for example `mplus inject FILE --memory NEW_PATH`)."
+        )
+
+
+def _fit(state: MemoryState, template: MemoryState) -> MemoryState:
+    """Put every part where and in the dtype this model keeps it (a memory saved in fp32 can serve bf16)."""
+    parts = {}
+    for part in ("pool", "ltm", "staging"):
+        want = getattr(template, part)
+        parts[part] = getattr(state, part).to(dtype=want.k.dtype, device=want.k.device)
+    return MemoryState(
+        config=state.config,
+        injections=state.injections,
+        tokens_injected=state.tokens_injected,
+        next_block=state.next_block,
+        since_merge=state.since_merge,
+        rng_state=state.rng_state,
+        **parts,
+    )
+
+
+def _check_shapes(path: Path, state: MemoryState, template: MemoryState) -> None:
+    for part in ("pool", "ltm", "staging"):
+        have, want = getattr(state, part), getattr(template, part)
+        if have.tensors().keys() != want.tensors().keys():
+            raise MemoryFileError(
+                f"{path}: {part} holds fields {sorted(have.tensors())}, expected {sorted(want.tensors())}"
+            )
+        n = len(have)
+        for name, t in have.tensors().items():
+            expected = (want.layers, n, *getattr(want, name).shape[2:])
+            if tuple(t.shape) != expected:
+                raise MemoryFileError(f"{path}: {part}.{name} has shape {tuple(t.shape)}, expected {expected}")
+
+
+def load_memory(llm: MPlusLLM, path: str | Path, *, user_id: str | None = None) -> LatentMemory:
+    """Read a memory written by `save_memory` for `llm`.
+
+    Raises `FileNotFoundError` if there is no file, `MemoryFileError` if it is damaged or not a memory file,
+    and `MemoryMismatchError` if another model wrote it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no memory file at {path}")
+    metadata, tensors = _read(path)
+    if metadata.get("format") != FORMAT:
+        raise MemoryFileError(f"{path} is a safetensors file but not an mplus_agents memory")
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise MemoryFileError(f"{path} has no valid format_version") from None
+    if version > FORMAT_VERSION:
+        raise MemoryFileError(
+            f"{path} uses memory format {version}, made by mplus_agents {metadata.get('library_version')}; "
+            f"this is {__version__} (format {FORMAT_VERSION}): upgrade mplus_agents to read it"
+        )
+    if metadata.get("sha256") != _tensors_sha256(tensors):
+        raise MemoryFileError(f"{path} is corrupted: its tensors do not match the checksum written with them")
+    try:
+        saved_model = json.loads(metadata["model"])
+        config = MemoryConfig.from_json(metadata["memory_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MemoryFileError(f"{path} has unreadable metadata: {e}") from e
+    _check_model(path, saved_model, llm)
+    pending = tensors.pop(PENDING_KEY, torch.zeros(0, dtype=torch.int64))
+    try:
+        state = MemoryState.from_tensors(config, tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise MemoryFileError(f"{path} does not hold a complete memory: {e}") from e
+    template = llm.empty_state(config)
+    _check_shapes(path, state, template)
+    memory = LatentMemory(llm, config, _fit(state, template), user_id=user_id or metadata.get("user_id") or None)
+    memory.pending = [int(i) for i in pending.tolist()]
+    return memory
