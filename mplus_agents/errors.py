@@ -21,3 +21,11 @@ class MemoryMismatchError(MPlusError, ValueError):
 
 class DefaultModelNotFoundError(MPlusError, FileNotFoundError):
     """The embedded SmolLM2 GGUF is not installed."""
+
+
+class ModelNotFoundError(MPlusError, FileNotFoundError):
+    """A model path that is not a local model directory (nothing is ever downloaded from a hub)."""
+
+
+class PromptTooLongError(InvalidInputError):
+    """Memory prefix + prompt + reply would not fit the model's positions."""

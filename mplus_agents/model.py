@@ -18,7 +18,7 @@ import torch
 from mplus_agents.chunking import split_chunks
 from mplus_agents.config import MemoryConfig
 from mplus_agents.engine import Engine, MPlusWeights, ReadInfo, Sink
-from mplus_agents.errors import InvalidInputError
+from mplus_agents.errors import InvalidInputError, ModelNotFoundError, PromptTooLongError
 from mplus_agents.framing import Frame
 from mplus_agents.generation import DecodeResult, SamplingConfig, stream_text
 from mplus_agents.memory import LatentMemory, Progress
@@ -128,7 +128,7 @@ class MPlusLLM:
             return cls(model, tokenizer, config)
         path = Path(path_or_model)
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a local model directory (nothing is downloaded from a hub)")
+            raise ModelNotFoundError(f"{path} is not a local model directory (nothing is downloaded from a hub)")
         torch_dtype = _dtype(dtype) or torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, **model_kwargs)
         model = model.to(device or default_device())
@@ -265,6 +265,7 @@ class MPlusLLM:
         if prompt.ids.numel() == 0:
             raise InvalidInputError("empty prompt")
         with self.hook_lock, torch.no_grad():
+            self.check_fits(state, prompt, sampling.max_new_tokens)
             sink = self.sink(state.config)
             logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index)
         result = DecodeResult()
@@ -278,6 +279,21 @@ class MPlusLLM:
 
         pieces = stream_text(logits, step, self._decode, self._eos_ids(), sampling, result)
         return Generation(pieces=pieces, result=result, read=read, prompt_tokens=int(prompt.ids.numel()))
+
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+
+    def check_fits(self, state: MemoryState, prompt: Prompt, max_new_tokens: int) -> None:
+        """Refuse before any work when [memory prefix, prompt, reply] cannot fit the model's positions."""
+        cfg = state.config
+        prefix = len(self.sink(cfg)) + min(cfg.retrieve_tokens, state.long_term_size()) + len(state.pool)
+        need = prefix + int(prompt.ids.numel()) + max_new_tokens
+        if need > self.max_positions():
+            raise PromptTooLongError(
+                f"memory prefix ({prefix}) + prompt ({int(prompt.ids.numel())}) + max_new_tokens ({max_new_tokens}) "
+                f"= {need} tokens exceeds the model's {self.max_positions()} positions; shorten the message (inject "
+                "long text into memory instead) or lower max_new_tokens"
+            )
 
     def chat(
         self,
@@ -299,7 +315,7 @@ class MPlusLLM:
         """
         if isinstance(message_or_messages, str):
             messages: Sequence[Message] = [{"role": "user", "content": message_or_messages}]
-        elif isinstance(message_or_messages, Sequence):
+        elif isinstance(message_or_messages, Sequence) and not isinstance(message_or_messages, bytes | bytearray):
             messages = message_or_messages
         else:
             kind = type(message_or_messages).__name__

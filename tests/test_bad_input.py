@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mplus_agents import InvalidInputError, MemoryConfig, MPlusError, MPlusLLM, UnsupportedModelError
+from mplus_agents import InvalidInputError, MemoryConfig, MPlusLLM, UnsupportedModelError
+from mplus_agents.errors import ModelNotFoundError, PromptTooLongError
 from tests.conftest import CharTokenizer, tiny_llama
 
 
@@ -121,7 +122,7 @@ def test_failure_part_way_through_a_multi_chunk_injection_changes_nothing(tiny, 
         ("  \n ", "empty"),
         (None, "NoneType"),
         (5, "int"),
-        (b"hello", "role"),
+        (b"hello", "got bytes"),
         ([], "at least one message"),
         ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "last message"),
         ([{"role": "system", "content": "be brief"}], "last message"),
@@ -212,13 +213,8 @@ def test_nonexistent_model_directory_names_the_path(tmp_path) -> None:
         MPlusLLM.from_pretrained(missing)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.py raises a plain FileNotFoundError; suggested fix: a ModelNotFoundError(MPlusError, "
-    "FileNotFoundError) in errors.py. Remove this marker once it lands.",
-)
 def test_nonexistent_model_directory_is_an_mplus_error(tmp_path) -> None:
-    with pytest.raises(MPlusError):
+    with pytest.raises(ModelNotFoundError):
         MPlusLLM.from_pretrained(tmp_path / "no-such-model")
 
 
@@ -241,3 +237,16 @@ def test_nonexistent_model_directory_is_an_mplus_error(tmp_path) -> None:
 def test_memory_refuses_bad_user_id(tiny, user_id, problem) -> None:
     with pytest.raises(InvalidInputError, match=problem):
         tiny.memory(user_id)
+
+
+def test_prompt_that_cannot_fit_the_positions_is_refused_before_any_work() -> None:
+    llm = MPlusLLM(tiny_llama(max_position_embeddings=64), CharTokenizer())
+    with pytest.raises(PromptTooLongError, match="exceeds the model's 64 positions"):
+        llm.chat("x" * 80, max_new_tokens=4)
+    assert llm.chat("short", max_new_tokens=4) is not None
+
+
+def test_bytes_are_not_taken_for_a_message_list() -> None:
+    llm = MPlusLLM(tiny_llama(), CharTokenizer())
+    with pytest.raises(InvalidInputError, match="takes a str or a list of messages, got bytes"):
+        llm.chat(b"hi")  # type: ignore[arg-type]

@@ -49,7 +49,7 @@ def test_many_chunks_equal_context_when_injection_sees_everything() -> None:
         mem.inject(t)
     assert mem.stats().injections >= 3
     prompt = llm.encode("sigma tau")
-    ids = [1] + sum((llm.encode(t) for t in texts), []) + prompt
+    ids = [1, *(tok for t in texts for tok in llm.encode(t)), *prompt]
     assert rel_err(memory_logits(llm, mem, prompt), plain_logits(llm, ids)) < 1e-4
 
 
@@ -58,11 +58,11 @@ def test_empty_memory_equals_vanilla_model() -> None:
     mem = llm.new_memory()
     prompt = llm.encode("hello there")
     got = memory_logits(llm, mem, prompt)
-    want = plain_logits(llm, [1] + prompt)
+    want = plain_logits(llm, [1, *prompt])
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     # and generation text is identical to greedy decoding of the plain model
     reply = llm.chat("hello there", memory=mem, max_new_tokens=8)
-    ids = [1] + prompt
+    ids = [1, *prompt]
     out = []
     cache = DynamicCache()
     with torch.no_grad():
