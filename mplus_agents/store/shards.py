@@ -1,0 +1,304 @@
+"""Tensor shards: how a memory state is cut into files, and where those files live (DESIGN 6).
+
+A shard is one safetensors file holding one tensor, named by the sha256 of its bytes, so identical pieces
+are stored once and an unchanged piece is never rewritten. Files are written beside their final name,
+fsynced and renamed; a reader therefore sees a complete file or none, and checks the sha256 anyway.
+
+Cutting: the large per-token fields (`k`, `v`, `hidden`, `score_key`; `[L, n, ...]`) are cut along the
+token axis into pieces of roughly `target_bytes`, covering all layers. Cut points are chosen from the
+content (where the retrieval-block id of layer 0 crosses a multiple of a block group), not from the index,
+so when the oldest tokens leave the pool or the long-term store, the pieces after them keep their bytes and
+their names. Small per-token fields (`age`, `block`, `rf`) change on every injection anyway (ages grow) and
+are stored whole, one file per part.
+
+Storage: a local directory (the default) or any fsspec URL (`s3://bucket/prefix`, `memory://x`). Paths are
+`<memory key>/<sha[:2]>/<sha>.safetensors`, where the memory key is a random hex name: no user id ever
+becomes part of a path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import itertools
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from mplus_agents.state import MemoryState
+from mplus_agents.store.errors import StoreUnavailableError
+
+try:  # a fast non-cryptographic hash spots unchanged pieces without a sha256 pass over GBs
+    import xxhash
+
+    def quick_hash(t: torch.Tensor) -> str | None:
+        h = xxhash.xxh3_128()
+        h.update(f"{t.dtype}:{list(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        return h.hexdigest()
+
+except ImportError:  # pragma: no cover - xxhash ships with most installs; without it every piece is sha256'd
+
+    def quick_hash(t: torch.Tensor) -> str | None:
+        return None
+
+
+TENSOR = "t"
+PARTS = ("pool", "ltm", "staging")
+TOKEN_FIELDS = ("k", "v", "hidden", "score_key")
+"""Fields cut along the token axis; the others of a part are stored whole."""
+DEFAULT_TARGET_BYTES = 64 * 2**20
+SUFFIX = ".safetensors"
+
+
+@dataclass
+class Piece:
+    """A tensor of the state, or a token range of one, destined for one shard."""
+
+    kind: str
+    start: int
+    stop: int
+    tensor: torch.Tensor
+
+
+def _cuts(block0: torch.Tensor, tokens_per_piece: int, block_size: int) -> list[int]:
+    """Boundaries `0 = c0 < c1 < ... < cm = n` chosen from the block ids of layer 0.
+
+    A cut is allowed where `block // group` changes; one is taken there if the current piece already
+    has half a piece's worth of tokens, and forced if a piece would grow past twice the target.
+    """
+    n = int(block0.numel())
+    if n == 0:
+        return [0, 0]
+    group = max(1, tokens_per_piece // max(1, block_size))
+    g = torch.div(block0, group, rounding_mode="floor")
+    candidates = (torch.nonzero(g[1:] != g[:-1]).flatten() + 1).tolist()
+    cuts = [0]
+    half, limit = max(1, tokens_per_piece // 2), max(2, 2 * tokens_per_piece)
+    for c in [*candidates, n]:
+        while c - cuts[-1] > limit:
+            cuts.append(cuts[-1] + limit)
+        if (c == n or c - cuts[-1] >= half) and c != cuts[-1]:
+            cuts.append(c)
+    return cuts
+
+
+def plan(state: MemoryState, pending: list[int], target_bytes: int = DEFAULT_TARGET_BYTES) -> list[Piece]:
+    """Every tensor of `state` (and the pending token ids) as pieces; see the module docstring."""
+    pieces: list[Piece] = []
+    block_size = state.config.block_size
+    for part in PARTS:
+        store = getattr(state, part)
+        n = len(store)
+        fields = store.tensors()
+        row_bytes = max(1, fields["k"][:, :1].numel() * fields["k"].element_size())
+        cuts = _cuts(fields["block"][0], max(1, target_bytes // row_bytes), block_size)
+        for name, t in fields.items():
+            kind = f"{part}.{name}"
+            if name in TOKEN_FIELDS:
+                for a, b in itertools.pairwise(cuts):
+                    pieces.append(Piece(kind, a, b, t[:, a:b]))
+            else:
+                pieces.append(Piece(kind, 0, n, t))
+    pieces.append(Piece("rng_state", 0, 0, state.rng_state))
+    pieces.append(Piece("pending", 0, len(pending), torch.tensor(pending, dtype=torch.int64)))
+    return pieces
+
+
+def encode(t: torch.Tensor) -> bytes:
+    """The shard file's bytes (safetensors: a JSON header and raw little-endian data; nothing executable)."""
+    return bytes(st_save({TENSOR: t.detach().to("cpu").contiguous()}))
+
+
+def decode(data: bytes) -> torch.Tensor:
+    return st_load(data)[TENSOR]
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def relpath(memory_key: str, digest: str) -> str:
+    return f"{memory_key}/{digest[:2]}/{digest}{SUFFIX}"
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class ShardStorage(Protocol):
+    """Where shard files live. Paths are relative, `/`-separated."""
+
+    location: str
+
+    def write(self, path: str, data: bytes) -> None: ...
+
+    def read(self, path: str) -> bytes: ...
+
+    def delete(self, path: str) -> None: ...
+
+    def listdir(self, prefix: str) -> list[str]: ...
+
+    def remove_tree(self, prefix: str) -> None: ...
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or a new entry durable; platforms that cannot open directories skip it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_error(location: str, e: OSError) -> StoreUnavailableError:
+    reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else str(e)
+    return StoreUnavailableError(
+        f"cannot write a shard under {location}: {reason} ({e.strerror or e}). Nothing was committed; the "
+        "previous snapshot is intact."
+    )
+
+
+class LocalShards:
+    """Shards in a local directory: temp file, fsync, rename, fsync of the directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.location = str(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailableError(f"cannot create the shard directory {self.root}: {e}") from e
+
+    def _abs(self, path: str) -> Path:
+        p = (self.root / path).resolve()
+        if self.root not in p.parents:
+            raise ValueError(f"shard path {path!r} leaves the shard root")
+        return p
+
+    def write(self, path: str, data: bytes) -> None:
+        final = self._abs(path)
+        created: list[Path] = []
+        parent = final.parent
+        while not parent.exists():
+            created.append(parent)
+            parent = parent.parent
+        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise _write_error(self.location, e) from e
+        _fsync_dir(final.parent)
+        for d in created:
+            _fsync_dir(d.parent)
+
+    def read(self, path: str) -> bytes:
+        return self._abs(path).read_bytes()
+
+    def delete(self, path: str) -> None:
+        p = self._abs(path)
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+        with contextlib.suppress(OSError):  # the `<sha[:2]>` directory, once empty
+            p.parent.rmdir()
+
+    def listdir(self, prefix: str) -> list[str]:
+        base = self._abs(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def remove_tree(self, prefix: str) -> None:
+        base = self._abs(prefix)
+        if not base.exists():
+            return
+        for p in sorted(base.rglob("*"), key=lambda q: len(q.parts), reverse=True):
+            if p.is_dir():
+                p.rmdir()
+            else:
+                p.unlink()
+        base.rmdir()
+        _fsync_dir(base.parent)
+
+
+class FsspecShards:
+    """Shards under any fsspec URL. Objects are written under a temporary name and moved into place
+    (object stores make each PUT atomic anyway); the sha256 check on load catches anything else."""
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        import fsspec
+
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        except (ImportError, ValueError, OSError) as e:
+            raise StoreUnavailableError(f"cannot open shard location {url!r}: {e}") from e
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.location = url
+
+    def _abs(self, path: str) -> str:
+        if path.startswith("/") or ".." in path.split("/"):
+            raise ValueError(f"shard path {path!r} leaves the shard root")
+        return f"{self.root}/{path}"
+
+    def write(self, path: str, data: bytes) -> None:
+        final = self._abs(path)
+        tmp = f"{final}.{uuid.uuid4().hex}.tmp"
+        try:
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, final)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(tmp)
+            raise _write_error(self.location, e) from e
+
+    def read(self, path: str) -> bytes:
+        return bytes(self.fs.cat_file(self._abs(path)))
+
+    def delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._abs(path))
+
+    def listdir(self, prefix: str) -> list[str]:
+        base = self._abs(prefix)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        strip = len(self.root) + 1
+        return sorted(str(p)[strip:] if str(p).startswith(self.root) else str(p) for p in found)
+
+    def remove_tree(self, prefix: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._abs(prefix), recursive=True)
+
+
+def open_storage(spec: str | Path, **storage_options: Any) -> ShardStorage:
+    """A local path or `file://` URL gives `LocalShards`; any other URL goes through fsspec."""
+    s = str(spec)
+    if isinstance(spec, Path) or "://" not in s:
+        return LocalShards(s)
+    if s.startswith("file://"):
+        return LocalShards(s.removeprefix("file://"))
+    return FsspecShards(s, **storage_options)
