@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mplus_agents.errors import DefaultModelNotFoundError
 
@@ -59,7 +60,7 @@ def converted_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
+        model: Any = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
         # save_pretrained refuses a GGUF-loaded model until the quantizer traces are gone (MEASURED.md).
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

@@ -12,6 +12,7 @@ per-layer BOS vectors of SPEC 2.1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -103,7 +104,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, weights: MPlusWeights | None = None) -> None:
         self.arch = Arch(model)
-        self.model = model
+        self.model: Any = cast(Any, model)
         self.weights = weights or MPlusWeights()
 
     # ------------------------------------------------------------------ prefix plumbing
@@ -352,7 +353,7 @@ class Engine:
             index = select_tokens(scores, cand.field("block", layer), cand.field("age", layer), budget, exact=True)
             kl = apply_rope(cand.gather("k", layer, index).to(device=device, dtype=dtype), cos, sin)
             vl = cand.gather("v", layer, index).to(device=device, dtype=dtype)
-            cache_layer = cache.layers[layer]
+            cache_layer: Any = cache.layers[layer]
             cache_layer.keys[0, :, start : start + budget] = kl.permute(1, 0, 2)
             cache_layer.values[0, :, start : start + budget] = vl.permute(1, 0, 2)
             blocks.append(sorted(set(cand.gather("block", layer, index).tolist())))

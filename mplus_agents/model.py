@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -130,8 +130,10 @@ class MPlusLLM:
         if not path.is_dir():
             raise ModelNotFoundError(f"{path} is not a local model directory (nothing is downloaded from a hub)")
         torch_dtype = _dtype(dtype) or torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True, **model_kwargs)
-        model = model.to(device or default_device())
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, local_files_only=True, **model_kwargs
+        )
+        model = loaded.to(device or default_device())
         tok = tokenizer or AutoTokenizer.from_pretrained(path, local_files_only=True)
         return cls(model, tok, config, name=path.name)
 
@@ -313,10 +315,11 @@ class MPlusLLM:
         Returns the reply, or an iterator of text pieces with `stream=True`. Nothing is injected: call
         `memory.inject(...)` with the turns you want remembered.
         """
+        messages: Sequence[Message]
         if isinstance(message_or_messages, str):
-            messages: Sequence[Message] = [{"role": "user", "content": message_or_messages}]
+            messages = [{"role": "user", "content": message_or_messages}]
         elif isinstance(message_or_messages, Sequence) and not isinstance(message_or_messages, bytes | bytearray):
-            messages = message_or_messages
+            messages = cast(Sequence[Message], message_or_messages)
         else:
             kind = type(message_or_messages).__name__
             raise InvalidInputError(f"chat() takes a str or a list of messages, got {kind}")

@@ -59,7 +59,7 @@ def add_to_pool(state: MemoryState, new: TokenStore, *, key_fn: KeyFn | None = N
         raise ValueError("a chunk must add at least one memory token")
     if count > cfg.pool_size:
         raise ValueError(f"a chunk adds {count} memory tokens but the pool holds only {cfg.pool_size}")
-    new = TokenStore(**new.tensors())
+    new = TokenStore.from_fields(new.tensors())
     new.age = new_token_ages(new.layers, count, new.k.device)
     new.block = (state.next_block + torch.arange(count, device=new.k.device) // cfg.block_size).expand(
         new.layers, count
@@ -100,7 +100,7 @@ def add_to_pool(state: MemoryState, new: TokenStore, *, key_fn: KeyFn | None = N
 def merge_staging(state: MemoryState) -> MemoryState:
     """Move the staging cache into the long-term store, decay recall frequencies, evict (SPEC 4.3)."""
     cfg = state.config
-    staged = TokenStore(**state.staging.tensors())
+    staged = TokenStore.from_fields(state.staging.tensors())
     staged.rf = torch.full(staged.age.shape, cfg.ltm_initial_rf, dtype=torch.float32, device=staged.age.device)
     ltm = state.ltm.append(staged)
     assert ltm.rf is not None
@@ -111,7 +111,7 @@ def merge_staging(state: MemoryState) -> MemoryState:
         ltm = ltm.with_fields(rf=decayed)
         # Never shrink below the retrieval budget: undo this round's decay instead (SPEC 4.3).
         if int(alive_counts.min()) > cfg.retrieve_tokens:
-            ltm = _keep_top(ltm, int(alive_counts.min()), ltm.rf)
+            ltm = _keep_top(ltm, int(alive_counts.min()), decayed)
         else:
             ltm.rf = decayed + cfg.ltm_decay
     if cfg.ltm_max_tokens is not None and len(ltm) > cfg.ltm_max_tokens:

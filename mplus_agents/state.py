@@ -87,6 +87,23 @@ class TokenStore:
             rf=torch.zeros(layers, 0, dtype=torch.float32, device=device) if with_rf else None,
         )
 
+    @classmethod
+    def from_fields(cls, fields_: dict[str, torch.Tensor], growth: Growth | None = None) -> TokenStore:
+        """Build from a `tensors()`-style mapping (missing optional fields stay None)."""
+        unknown = set(fields_) - {"k", "v", "age", "block", *OPTIONAL_FIELDS}
+        if unknown:
+            raise ValueError(f"unknown token-store fields {sorted(unknown)}")
+        return cls(
+            k=fields_["k"],
+            v=fields_["v"],
+            age=fields_["age"],
+            block=fields_["block"],
+            hidden=fields_.get("hidden"),
+            score_key=fields_.get("score_key"),
+            rf=fields_.get("rf"),
+            growth=growth,
+        )
+
     def __len__(self) -> int:
         return int(self.k.shape[1])
 
@@ -131,26 +148,26 @@ class TokenStore:
             else:
                 out[name] = torch.cat([t, theirs[name].to(device=t.device, dtype=t.dtype)], dim=1)
         g.filled = n + m
-        return TokenStore(**out, growth=g)
+        return TokenStore.from_fields(out, growth=g)
 
     def take(self, index: torch.Tensor) -> TokenStore:
         """Gather tokens per layer; `index` is [L, m] (per-layer choice) or [m] (same for every layer)."""
         if index.dim() == 1:
-            return TokenStore(**{name: t[:, index] for name, t in self.tensors().items()})
+            return TokenStore.from_fields({name: t[:, index] for name, t in self.tensors().items()})
 
         def gather(t: torch.Tensor) -> torch.Tensor:
             idx = index.to(t.device)
             view = idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
             return torch.gather(t, 1, view)
 
-        return TokenStore(**{name: gather(t) for name, t in self.tensors().items()})
+        return TokenStore.from_fields({name: gather(t) for name, t in self.tensors().items()})
 
     def cat(self, other: TokenStore) -> TokenStore:
         """Append `other` after `self`. Fields missing on one side are an error, not silently dropped."""
         mine, theirs = self.tensors(), other.tensors()
         if mine.keys() != theirs.keys():
             raise ValueError(f"cannot concatenate stores with fields {sorted(mine)} and {sorted(theirs)}")
-        return TokenStore(**{n: torch.cat([mine[n], theirs[n].to(mine[n].dtype)], dim=1) for n in mine})
+        return TokenStore.from_fields({n: torch.cat([mine[n], theirs[n].to(mine[n].dtype)], dim=1) for n in mine})
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> TokenStore:
         """Move to a device; cast only the floating vectors (ages, ids and counters keep their types)."""
@@ -158,10 +175,10 @@ class TokenStore:
         for name, t in self.tensors().items():
             cast = dtype if (dtype is not None and name in ("k", "v", "hidden", "score_key")) else None
             out[name] = t.to(device=device if device is not None else t.device, dtype=cast or t.dtype)
-        return TokenStore(**out)
+        return TokenStore.from_fields(out)
 
     def clone(self) -> TokenStore:
-        return TokenStore(**{name: t.clone() for name, t in self.tensors().items()})
+        return TokenStore.from_fields({name: t.clone() for name, t in self.tensors().items()})
 
 
 @dataclass
@@ -230,9 +247,9 @@ class MemoryState:
         counters = tensors["counters"].tolist()
         return cls(
             config=config,
-            pool=TokenStore(**parts["pool"]),
-            ltm=TokenStore(**parts["ltm"]),
-            staging=TokenStore(**parts["staging"]),
+            pool=TokenStore.from_fields(parts["pool"]),
+            ltm=TokenStore.from_fields(parts["ltm"]),
+            staging=TokenStore.from_fields(parts["staging"]),
             injections=int(counters[0]),
             tokens_injected=int(counters[1]),
             next_block=int(counters[2]),

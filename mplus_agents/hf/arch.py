@@ -9,6 +9,7 @@ recall.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -57,8 +58,9 @@ class Arch:
 
     def __init__(self, model: nn.Module) -> None:
         check_supported(model)
-        self.model = model
-        cfg = model.config
+        # Hugging Face submodules are reached by attribute; typed Any because nn.Module.__getattr__ is not.
+        self.model: Any = cast(Any, model)
+        cfg = self.model.config
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.shapes = Shapes(
@@ -70,8 +72,8 @@ class Arch:
         )
 
     @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers  # type: ignore[no-any-return]
+    def layers(self) -> Any:
+        return self.model.model.layers
 
     @property
     def device(self) -> torch.device:
@@ -81,18 +83,18 @@ class Arch:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def query_module(self, layer: int) -> nn.Module:
+    def query_module(self, layer: int) -> Any:
         """Module whose output is the pre-RoPE query (q_norm for Qwen3, q_proj otherwise)."""
         attn = self.layers[layer].self_attn
-        return getattr(attn, "q_norm", None) or attn.q_proj  # type: ignore[no-any-return]
+        return getattr(attn, "q_norm", None) or attn.q_proj
 
-    def key_module(self, layer: int) -> nn.Module:
+    def key_module(self, layer: int) -> Any:
         """Module whose output is the pre-RoPE key (k_norm for Qwen3, k_proj otherwise)."""
         attn = self.layers[layer].self_attn
-        return getattr(attn, "k_norm", None) or attn.k_proj  # type: ignore[no-any-return]
+        return getattr(attn, "k_norm", None) or attn.k_proj
 
-    def value_module(self, layer: int) -> nn.Module:
-        return self.layers[layer].self_attn.v_proj  # type: ignore[no-any-return]
+    def value_module(self, layer: int) -> Any:
+        return self.layers[layer].self_attn.v_proj
 
     def _heads(self, x: torch.Tensor, count: int) -> torch.Tensor:
         """[..., count*head_dim] or [..., count, head_dim] -> [n, count, head_dim]."""
@@ -122,7 +124,7 @@ class Arch:
         return k, v
 
     def normed(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        return self.layers[layer].input_layernorm(hidden)  # type: ignore[no-any-return]
+        return self.layers[layer].input_layernorm(hidden)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [P, head_dim] from the model's own rotary module (so llama3/linear scaling apply)."""
