@@ -33,21 +33,28 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
     if n == 0 or t == 0:
         return torch.zeros(n, dtype=torch.float32, device=k.device)
     groups = heads // kv_heads
-    # [kv_heads, T*groups, head_dim]: query heads grouped under the KV head they read (GQA).
-    qg = q.to(k.dtype).reshape(t, kv_heads, groups, head_dim).permute(1, 0, 2, 3)
-    qg = qg.reshape(kv_heads, t * groups, head_dim)
     scale = 1.0 / math.sqrt(head_dim)
     out = torch.empty(n, dtype=torch.float32, device=k.device)
+    if scorer == "max_logit":
+        # The head mean is linear, so fold it into the query: mean_h q_h.k_h = (q_bar . k_flat) / kv_heads with
+        # q_bar the group-mean query per KV head. One contiguous GEMM [T, kv*hd] x [kv*hd, n], no copies of k.
+        q_bar = q.reshape(t, kv_heads, groups, head_dim).mean(dim=2).reshape(t, kv_heads * head_dim)
+        q_bar = (q_bar * (scale / kv_heads)).to(k.dtype)
+        flat = k.reshape(n, kv_heads * head_dim)
+        for start in range(0, n, SCORE_CHUNK):
+            out[start : start + SCORE_CHUNK] = (q_bar @ flat[start : start + SCORE_CHUNK].T).float().amax(dim=0)
+        return out
+    if scorer != "sigmoid_mean":
+        raise ValueError(f"unknown scorer {scorer!r}")
+    # sigmoid is not linear: one GEMM per KV head over the strided [n, head_dim] view (BLAS reads it in place).
+    qg = q.to(k.dtype).reshape(t, kv_heads, groups, head_dim)
     for start in range(0, n, SCORE_CHUNK):
-        kc = k[start : start + SCORE_CHUNK].permute(1, 2, 0)  # [kv_heads, head_dim, c]
-        logits = torch.bmm(qg, kc).float() * scale  # [kv_heads, T*groups, c]
-        logits = logits.view(kv_heads, t, groups, -1)
-        if scorer == "sigmoid_mean":
-            out[start : start + kc.shape[-1]] = torch.sigmoid(logits).mean(dim=(0, 1, 2))
-        elif scorer == "max_logit":
-            out[start : start + kc.shape[-1]] = logits.mean(dim=(0, 2)).amax(dim=0)
-        else:
-            raise ValueError(f"unknown scorer {scorer!r}")
+        kc = k[start : start + SCORE_CHUNK]
+        acc = torch.zeros(kc.shape[0], dtype=torch.float32, device=k.device)
+        for h in range(kv_heads):
+            logits = (qg[:, h].reshape(t * groups, head_dim) @ kc[:, h].T).float() * scale
+            acc += torch.sigmoid(logits).sum(dim=0)
+        out[start : start + kc.shape[0]] = acc / (t * heads)
     return out
 
 
