@@ -1,0 +1,32 @@
+"""Fixtures for langchain_mplus tests: the shared embedded model, and async tests run whatever the ini says.
+
+The tests may run from this package's directory (its pyproject sets `asyncio_mode = "auto"`) or together with
+the core suite from the repository root (strict mode), so coroutine tests are marked here explicitly; the
+standard langchain-tests suites do not mark theirs. Torch runs on one thread, as in the core suite: on a
+shared 2-core machine a second spinning thread slows decoding down several times over.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from langchain_mplus import default_llm
+
+torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is not None and inspect.iscoroutinefunction(function) and not item.get_closest_marker("asyncio"):
+            item.add_marker(pytest.mark.asyncio)
+
+
+@pytest.fixture(scope="session")
+def llm():  # type: ignore[no-untyped-def]
+    """The process-wide embedded model (the one `ChatMPlus()` uses)."""
+    torch.manual_seed(0)
+    return default_llm()
