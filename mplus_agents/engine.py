@@ -307,8 +307,7 @@ class Engine:
     ) -> torch.Tensor:
         """One selection for all layers: a pre-pass over [sink, pool] gives every layer's queries."""
         cfg = state.config
-        layers = cfg.score_layers if cfg.score_layers is not None else range(self.arch.shapes.layers)
-        wanted = set(layers)
+        wanted = set(cfg.scoring_layers(self.arch.shapes.layers))
         queries: dict[int, torch.Tensor] = {}
 
         def pre(layer: int, hidden: torch.Tensor) -> None:

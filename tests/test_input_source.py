@@ -112,3 +112,13 @@ def test_long_term_store_in_bf16_with_fp32_model() -> None:
     assert mem.state.ltm.k.dtype == torch.bfloat16 or mem.state.staging.k.dtype == torch.bfloat16
     reply = llm.chat("turn number 2", memory=mem, max_new_tokens=4)
     assert isinstance(reply, str)
+
+
+def test_auto_score_layers_spread_and_validation() -> None:
+    from mplus_agents.config import auto_score_layers
+
+    assert auto_score_layers(30) == (2, 8, 14, 20, 26)
+    assert auto_score_layers(3) == (0, 1, 2)
+    assert MemoryConfig(score_layers=(0, 2)).scoring_layers(3) == (0, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        MemoryConfig(score_layers=(5,)).scoring_layers(3)
