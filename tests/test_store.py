@@ -161,6 +161,37 @@ def test_reopen_in_process_and_history(db_url: str, shard_dir: Path) -> None:
     assert store.users()[0].turns == 3 and store.users()[0].tokens_injected == mem.stats().tokens_injected
 
 
+def test_save_rebases_on_a_newer_snapshot_instead_of_losing_turns(db_url: str, shard_dir: Path) -> None:
+    store = MemoryStore(db_url, shard_dir)
+    llm = tiny_llm(0, SMALL_OUTPUT)
+    first, second = store.open(llm, "alice"), store.open(llm, "alice")
+    first.inject(TEXTS[0], role="user")
+    second.inject_many(TEXTS[1:3], roles=["user", "assistant"])
+    assert not first.save().rebased
+    report = second.save()
+    assert report.rebased and report.turns_committed == 2 and report.version == 2
+    assert [t.text for t in store.history("alice")] == TEXTS[:3]
+    expected = llm.new_memory()
+    expected.inject(TEXTS[0], role="user")
+    expected.inject_many(TEXTS[1:3], roles=["user", "assistant"])  # the batch is replayed as a batch
+    assert same_state(second, expected) and same_state(store.open(llm, "alice"), expected)
+    first.inject(TEXTS[3], role="user")
+    assert first.save().rebased
+    expected.inject(TEXTS[3], role="user")
+    assert same_state(first, expected)
+
+
+def test_session_saves_on_success_only(db_url: str, shard_dir: Path) -> None:
+    store = MemoryStore(db_url, shard_dir)
+    llm = tiny_llm()
+    with store.session(llm, "alice") as mem:
+        mem.inject(TEXTS[0], role="user")
+    with pytest.raises(RuntimeError), store.session(llm, "alice") as mem:
+        mem.inject(TEXTS[1], role="user")
+        raise RuntimeError("the request failed")
+    assert [t.text for t in store.history("alice")] == TEXTS[:1]
+
+
 def test_in_process_memory_keeps_history_but_cannot_save() -> None:
     llm = tiny_llm()
     mem = llm.memory("dora")

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import hashlib
 import itertools
+import json
 import os
 import uuid
 from dataclasses import dataclass
@@ -29,8 +30,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from mplus_agents.state import MemoryState
 from mplus_agents.store.errors import StoreUnavailableError
@@ -38,24 +37,15 @@ from mplus_agents.store.errors import StoreUnavailableError
 try:  # a fast non-cryptographic hash spots unchanged pieces without a sha256 pass over GBs
     import xxhash
 
-    def quick_hash(t: torch.Tensor) -> str | None:
-        h = xxhash.xxh3_128()
-        h.update(f"{t.dtype}:{list(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-        return h.hexdigest()
-
+    _xxh: Any = xxhash.xxh3_128
 except ImportError:  # pragma: no cover - xxhash ships with most installs; without it every piece is sha256'd
-
-    def quick_hash(t: torch.Tensor) -> str | None:
-        return None
-
+    _xxh = None
 
 TENSOR = "t"
 PARTS = ("pool", "ltm", "staging")
 TOKEN_FIELDS = ("k", "v", "hidden", "score_key")
 """Fields cut along the token axis; the others of a part are stored whole."""
-DEFAULT_TARGET_BYTES = 64 * 2**20
+DEFAULT_TARGET_BYTES = 8 * 2**20
 SUFFIX = ".safetensors"
 
 
@@ -113,16 +103,119 @@ def plan(state: MemoryState, pending: list[int], target_bytes: int = DEFAULT_TAR
     return pieces
 
 
-def encode(t: torch.Tensor) -> bytes:
-    """The shard file's bytes (safetensors: a JSON header and raw little-endian data; nothing executable)."""
-    return bytes(st_save({TENSOR: t.detach().to("cpu").contiguous()}))
+DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+CODES = {v: k for k, v in DTYPES.items()}
 
 
-def decode(data: bytes) -> torch.Tensor:
-    return st_load(data)[TENSOR]
+def _view(t: torch.Tensor) -> memoryview:
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
-def sha256(data: bytes) -> str:
+def _body(t: torch.Tensor) -> list[memoryview]:
+    """The tensor's bytes in row-major order without copying where possible.
+
+    A token range of a `[L, n, ...]` field is not contiguous, but each layer's slice is: those are written
+    one after the other instead of gathering a copy of the whole piece first.
+    """
+    t = t.detach().to("cpu")
+    if t.numel() == 0:
+        return []
+    if t.is_contiguous():
+        return [_view(t)]
+    if t.dim() >= 2 and all(t[i].is_contiguous() for i in range(t.shape[0])):
+        return [_view(t[i]) for i in range(t.shape[0])]
+    return [_view(t.contiguous())]
+
+
+@dataclass
+class Encoded:
+    """A shard file as a list of buffers (header, then the tensor's bytes), never joined in memory."""
+
+    parts: list[bytes | memoryview]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in self.parts)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for p in self.parts:
+            h.update(p)
+        return h.hexdigest()
+
+    def tobytes(self) -> bytes:
+        return b"".join(bytes(p) for p in self.parts)
+
+
+def encode(t: torch.Tensor) -> Encoded:
+    """A one-tensor safetensors file (8-byte little-endian header size, JSON header padded with spaces to
+    8 bytes, raw little-endian data): readable by `safetensors` itself, nothing executable."""
+    if t.dtype not in DTYPES:
+        raise TypeError(f"cannot store a {t.dtype} tensor")
+    body = _body(t)
+    size = sum(b.nbytes for b in body)
+    header = json.dumps(
+        {TENSOR: {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [0, size]}},
+        separators=(",", ":"),
+    ).encode()
+    header += b" " * (-(8 + len(header)) % 8)
+    return Encoded([len(header).to_bytes(8, "little") + header, *body])
+
+
+def quick_hash(t: torch.Tensor) -> str | None:
+    """xxh3-128 of dtype, shape and bytes (None without `xxhash`): cheap enough to run over every piece."""
+    if _xxh is None:
+        return None
+    h = _xxh()
+    h.update(f"{t.dtype}:{list(t.shape)}\n".encode())
+    for b in _body(t):
+        h.update(b)
+    return str(h.hexdigest())
+
+
+class ShardFormatError(ValueError):
+    """Bytes that are not a one-tensor safetensors file of the kind `encode` writes."""
+
+
+def decode(data: bytes | bytearray) -> torch.Tensor:
+    """Parse a file written by `encode`. With a `bytearray` the tensor uses its memory (no copy)."""
+    if len(data) < 8:
+        raise ShardFormatError("file shorter than a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8 or n > 1 << 20:
+        raise ShardFormatError("header size beyond the end of the file")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]))
+        entry = header[TENSOR]
+        dtype = CODES[entry["dtype"]]
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardFormatError(f"bad safetensors header: {e}") from e
+    count = 1
+    for d in shape:
+        count *= d
+    item = torch.empty(0, dtype=dtype).element_size()
+    if begin != 0 or end != count * item or 8 + n + end != len(data) or min(shape, default=0) < 0:
+        raise ShardFormatError("the header's shape and offsets do not match the file")
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=8 + n).reshape(shape)
+
+
+def sha256(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -139,9 +232,9 @@ class ShardStorage(Protocol):
 
     location: str
 
-    def write(self, path: str, data: bytes) -> None: ...
+    def write(self, path: str, data: Encoded) -> None: ...
 
-    def read(self, path: str) -> bytes: ...
+    def read(self, path: str) -> bytearray: ...
 
     def delete(self, path: str) -> None: ...
 
@@ -189,7 +282,7 @@ class LocalShards:
             raise ValueError(f"shard path {path!r} leaves the shard root")
         return p
 
-    def write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: Encoded) -> None:
         final = self._abs(path)
         created: list[Path] = []
         parent = final.parent
@@ -200,7 +293,8 @@ class LocalShards:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
-                f.write(data)
+                for part in data.parts:
+                    f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -212,8 +306,14 @@ class LocalShards:
         for d in created:
             _fsync_dir(d.parent)
 
-    def read(self, path: str) -> bytes:
-        return self._abs(path).read_bytes()
+    def read(self, path: str) -> bytearray:
+        p = self._abs(path)
+        with open(p, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            buffer = bytearray(size)
+            if f.readinto(buffer) != size:
+                raise OSError(f"{p} changed size while being read")
+        return buffer
 
     def delete(self, path: str) -> None:
         p = self._abs(path)
@@ -261,20 +361,20 @@ class FsspecShards:
             raise ValueError(f"shard path {path!r} leaves the shard root")
         return f"{self.root}/{path}"
 
-    def write(self, path: str, data: bytes) -> None:
+    def write(self, path: str, data: Encoded) -> None:
         final = self._abs(path)
         tmp = f"{final}.{uuid.uuid4().hex}.tmp"
         try:
             self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(tmp, data)
+            self.fs.pipe_file(tmp, data.tobytes())
             self.fs.mv(tmp, final)
         except OSError as e:
             with contextlib.suppress(OSError):
                 self.fs.rm_file(tmp)
             raise _write_error(self.location, e) from e
 
-    def read(self, path: str) -> bytes:
-        return bytes(self.fs.cat_file(self._abs(path)))
+    def read(self, path: str) -> bytearray:
+        return bytearray(self.fs.cat_file(self._abs(path)))
 
     def delete(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -309,7 +309,7 @@ class MemoryStore:
             )
         try:
             t = sh.decode(data)
-        except Exception as e:  # safetensors raises its own error types
+        except sh.ShardFormatError as e:
             raise CorruptShardError(f"shard {shard.path} of user {user_id!r} is unreadable: {e}") from e
         if sh.dtype_name(t) != shard.dtype or list(t.shape) != json.loads(shard.shape):
             raise CorruptShardError(
@@ -661,7 +661,7 @@ class MemoryStore:
         stats = {"shards_written": 0, "shards_reused": 0, "bytes_written": 0}
 
         def work(piece: sh.Piece) -> tuple[sh.Piece, str, str, int]:
-            t = piece.tensor.detach().to("cpu").contiguous()
+            t = piece.tensor
             q = sh.quick_hash(t) or ""
             digest = known.get(q) if q else None
             if trust and digest is not None and digest in existing:
@@ -669,7 +669,7 @@ class MemoryStore:
                     stats["shards_reused"] += 1
                 return piece, digest, q, -1
             data = sh.encode(t)
-            digest = sh.sha256(data)
+            digest = data.sha256()
             with lock:
                 fresh = (not trust or digest not in existing) and digest not in written
                 if fresh:
@@ -678,11 +678,11 @@ class MemoryStore:
                 self.storage.write(sh.relpath(key, digest), data)
                 with lock:
                     stats["shards_written"] += 1
-                    stats["bytes_written"] += len(data)
+                    stats["bytes_written"] += data.nbytes
             else:
                 with lock:
                     stats["shards_reused"] += 1
-            return piece, digest, q, len(data)
+            return piece, digest, q, data.nbytes
 
         with ThreadPoolExecutor(self.io_threads) as pool:
             results = list(pool.map(work, pieces))

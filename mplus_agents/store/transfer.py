@@ -70,7 +70,7 @@ def _write_dir(
     path: Path,
     manifest: dict[str, Any],
     turns: list[Turn],
-    files: list[tuple[str, bytes]] | None = None,
+    files: list[tuple[str, sh.Encoded]] | None = None,
     read: Any = None,
 ) -> Path:
     path = path.expanduser()
@@ -85,7 +85,9 @@ def _write_dir(
             for i, t in enumerate(turns, start=1):
                 f.write(_turn_json(t, i) + "\n")
         for name, data in files or []:
-            (tmp / SHARDS / name).write_bytes(data)
+            with open(tmp / SHARDS / name, "wb") as f:
+                for part in data.parts:
+                    f.write(part)
         if read is not None:
             read(tmp / SHARDS)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -105,11 +107,11 @@ def export_memory(memory: LatentMemory, path: Path) -> Path:
         state, pending = memory.state, list(memory.pending)
     turns = memory.history()
     pieces = sh.plan(state, pending)
-    files: dict[str, bytes] = {}
+    files: dict[str, sh.Encoded] = {}
     entries = []
     for p in pieces:
         data = sh.encode(p.tensor)
-        digest = sh.sha256(data)
+        digest = data.sha256()
         files[digest + sh.SUFFIX] = data
         entries.append(_entry(p.kind, p.start, p.stop, digest, p.tensor))
     manifest = _manifest(
@@ -223,7 +225,10 @@ def _read_state(path: Path, manifest: dict[str, Any], config: MemoryConfig) -> t
             raise CorruptShardError(f"{path}: shard {file.name} is missing ({e})") from e
         if sh.sha256(data) != digest:
             raise CorruptShardError(f"{path}: shard {file.name} is corrupted (its sha256 does not match)")
-        t = sh.decode(data)
+        try:
+            t = sh.decode(data)
+        except sh.ShardFormatError as e:
+            raise CorruptShardError(f"{path}: shard {file.name} is unreadable: {e}") from e
         if sh.dtype_name(t) != entry["dtype"] or list(t.shape) != list(entry["shape"]):
             raise CorruptShardError(f"{path}: shard {file.name} does not hold the {entry['kind']} the manifest lists")
         by_kind.setdefault(str(entry["kind"]), []).append((int(entry["start"]), int(entry["stop"]), t))
