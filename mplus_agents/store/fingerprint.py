@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -68,7 +68,7 @@ def _weights_sha256(model: torch.nn.Module) -> str:
 
 
 def _config_sha256(llm: MPlusLLM) -> str:
-    config = json.loads(llm.model.config.to_json_string())
+    config = json.loads(cast(Any, llm.model).config.to_json_string())
     stable = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
 
@@ -84,7 +84,7 @@ def model_fingerprint(llm: MPlusLLM) -> dict[str, Any]:
     tok = llm.tokenizer
     vocab = getattr(tok, "vocab_size", None)
     if not isinstance(vocab, int):
-        vocab = int(llm.model.config.vocab_size)
+        vocab = int(cast(Any, llm.model).config.vocab_size)
     fp: dict[str, Any] = {
         "name": llm.name,
         "config_sha256": _config_sha256(llm),

@@ -119,7 +119,8 @@ CODES = {v: k for k, v in DTYPES.items()}
 
 
 def _view(t: torch.Tensor) -> memoryview:
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    array: Any = t.reshape(-1).view(torch.uint8).numpy()
+    return memoryview(array)
 
 
 def _body(t: torch.Tensor) -> list[memoryview]:

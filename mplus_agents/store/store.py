@@ -176,7 +176,11 @@ class MemoryStore:
             shards = default_home() / SHARD_DIR
         self.engine = self._create_engine()
         self._writer = self.engine.execution_options(mplus_immediate=True)
-        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        # Readers see one consistent snapshot of the rows (SQLite transactions already are).
+        reader = self.engine
+        if self.backend == "postgresql":
+            reader = self.engine.execution_options(isolation_level="REPEATABLE READ")
+        self._read = sessionmaker(reader, expire_on_commit=False)
         self._write = sessionmaker(self._writer, expire_on_commit=False)
         if self.backend == "sqlite":
             db = Path(self.url.database or "")
@@ -269,6 +273,8 @@ class MemoryStore:
             if row is None:
                 return None
             snap = s.get(Snapshot, row.head_snapshot_id) if row.head_snapshot_id is not None else None
+            if row.head_snapshot_id is not None and snap is None:
+                raise StoreError(f"user {user_id!r}: the head snapshot row is missing")
             pieces: list[tuple[SnapshotShard, Shard]] = []
             if snap is not None:
                 pieces = [
@@ -711,36 +717,23 @@ class MemoryStore:
         from mplus_agents import __version__
 
         cfg = config or state.config
-        key = head.key if head is not None else uuid.uuid4().hex
+        if head is None:
+            head = self._reserve(user_id, fp, cfg)
+        key = head.key
         with self._errors("reading shard rows"), self._read() as s:
-            existing: dict[str, int] = {}
-            if head is not None:
-                existing = dict(
-                    s.execute(select(Shard.sha256, Shard.id).where(Shard.memory_id == head.memory_pk)).all()
-                )
+            existing: dict[str, int] = dict(
+                s.execute(select(Shard.sha256, Shard.id).where(Shard.memory_id == head.memory_pk)).all()
+            )
         pieces = sh.plan(state, pending, self.shard_bytes)
         results, stats = self._write_pieces(key, pieces, existing, known or {}, trust)
         nbytes = sum(p.tensor.numel() * p.tensor.element_size() for p in pieces)
         deleted_paths: list[str] = []
         with self._errors("committing the snapshot"), self._write() as s, s.begin():
-            if head is None:
-                if s.execute(select(User.id).where(User.user_id == user_id)).first() is not None:
-                    raise StoreError(f"user {user_id!r} was created by another writer that did not hold the lock")
-                user = User(user_id=user_id, created_at=utcnow())
-                s.add(user)
-                s.flush()
-                memory = Memory(
-                    user_pk=user.id, key=key, model_name="", fingerprint="", fingerprint_digest="", config="",
-                    library_version="", version=0, next_seq=1, created_at=utcnow(), updated_at=utcnow(),
-                )
-                s.add(memory)
-                s.flush()
-            else:
-                memory = s.get_one(Memory, head.memory_pk)
-                if memory.version != head.version:
-                    raise StoreError(f"user {user_id!r} changed while locked; nothing was saved (lock misuse?)")
+            memory = s.get_one(Memory, head.memory_pk)
+            if memory.version != head.version:
+                raise StoreError(f"user {user_id!r} changed while locked; nothing was saved (lock misuse?)")
             shard_ids = dict(existing)
-            new_rows = []
+            new_rows: list[dict[str, Any]] = []
             for piece, digest, _, size in results:
                 if digest not in shard_ids and all(r["sha256"] != digest for r in new_rows):
                     t = piece.tensor
@@ -770,16 +763,18 @@ class MemoryStore:
             seq = memory.next_seq
             batches: dict[int, int] = {}
             turn_rows = []
-            for t in new_turns:
-                batch = batches.setdefault(t.batch, seq)
+            for turn in new_turns:
+                batch = batches.setdefault(turn.batch, seq)
                 turn_rows.append(
-                    {"memory_id": memory.id, "seq": seq, "batch": batch, "role": t.role, "text": t.text,
-                     "tokens": t.tokens, "created_at": t.created_at}
+                    {"memory_id": memory.id, "seq": seq, "batch": batch, "role": turn.role, "text": turn.text,
+                     "tokens": turn.tokens, "created_at": turn.created_at}
                 )
                 seq += 1
             if turn_rows:
                 s.execute(insert(TurnRow), turn_rows)
-            n_turns = int(s.scalar(select(func.count()).select_from(TurnRow).where(TurnRow.memory_id == memory.id)))
+            n_turns = int(
+                s.scalar(select(func.count()).select_from(TurnRow).where(TurnRow.memory_id == memory.id)) or 0
+            )
             snap = Snapshot(
                 memory_id=memory.id, version=memory.version + 1, created_at=utcnow(), turns=n_turns,
                 last_seq=seq - 1, injections=state.injections, tokens_injected=state.tokens_injected,
@@ -823,6 +818,32 @@ class MemoryStore:
                 self.storage.delete(path)
         stats["known"] = {q: d for _, d, q, _ in results if q}
         return version, stats
+
+    def _reserve(self, user_id: str, fp: dict[str, Any], config: MemoryConfig) -> _Head:
+        """Create the user's rows (version 0, no snapshot) before any shard is written.
+
+        The memory's random shard directory is then on record, so files of a save that crashes before its
+        commit are swept by the next save instead of being orphaned in a directory nobody knows about.
+        """
+        from mplus_agents import __version__
+
+        with self._errors("creating the user"), self._write() as s, s.begin():
+            if s.execute(select(User.id).where(User.user_id == user_id)).first() is not None:
+                raise StoreError(f"user {user_id!r} was created by a writer that did not hold the lock")
+            user = User(user_id=user_id, created_at=utcnow())
+            s.add(user)
+            s.flush()
+            s.add(
+                Memory(
+                    user_pk=user.id, key=uuid.uuid4().hex, model_name=str(fp.get("name")),
+                    fingerprint=json.dumps(fp, sort_keys=True), fingerprint_digest=fpr.digest(fp),
+                    config=config.to_json(), library_version=__version__, version=0, next_seq=1,
+                    created_at=utcnow(), updated_at=utcnow(),
+                )
+            )
+        head = self._head(user_id)
+        assert head is not None
+        return head
 
     def _checkpoint(self) -> None:
         """SQLite: fold the WAL into the database so deleted text does not linger in the log."""
