@@ -221,3 +221,34 @@ def test_readers_never_take_the_writers_lock(db_url: str, shard_dir: Path) -> No
         reader.join(timeout=300)  # only a deadlock would take this long
         assert done.is_set() and seen == [1]  # read the committed head, without waiting for the session to end
     assert len(store.history("alice")) == 2
+
+
+def test_readers_during_saves_see_whole_snapshots(db_url: str, shard_dir: Path) -> None:
+    """A reader racing a writer (whose saves delete the previous snapshot's shards) retries, never fails."""
+    store = MemoryStore(db_url, shard_dir, shard_bytes=1024)
+    llm = tiny_llm()
+    writer = store.open(llm, "alice")
+    committed = {0}
+    seen: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                seen.append(store.open(llm, "alice").stats().tokens_injected)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(8):
+            writer.inject(f"{TEXTS[i % len(TEXTS)]} (message {i})", role="user")
+            writer.save()
+            committed.add(writer.stats().tokens_injected)
+    finally:
+        stop.set()
+        reader.join()
+    assert not errors, errors
+    assert seen and set(seen) <= committed  # every read was exactly one committed snapshot
