@@ -10,7 +10,8 @@ values), then times:
 - load (cold): `MemoryStore.open` after evicting the shard files from the page cache (`posix_fadvise
   DONTNEED`, per file, so other processes' caches are untouched): read, sha256 check, assemble;
 - load (warm): the same with the files cached, i.e. the CPU cost of verifying and assembling;
-- raw write+fsync and raw read (cold and warm) of the same number of bytes as the first save, to one file.
+- raw write+fsync and raw read (cold and warm) of the same number of bytes as the first save, to one file
+  (best of two runs).
 
 Prints a table and writes `benchmarks/results/store_bench.csv`. Run: `python benchmarks/store_bench.py`
 (`--tokens 1024 8192 32768`, `--ltm-dtype bfloat16`, `--dir` for another disk).
@@ -130,7 +131,9 @@ def run(tokens: list[int], directory: Path, ltm_dtype: str | None) -> list[dict[
             load_warm = time.perf_counter() - t
             assert loaded.stats().long_term_tokens == mem.stats().long_term_tokens
 
-            raw_w, raw_rc, raw_rw = raw_disk(work, first.bytes_written)
+            # The disk is shared: take the best of two raw runs, as the store's numbers are single runs.
+            runs = [raw_disk(work, first.bytes_written) for _ in range(2)]
+            raw_w, raw_rc, raw_rw = (min(r[i] for r in runs) for i in range(3))
             store.close()
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -25,9 +25,10 @@ import itertools
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import torch
 
@@ -216,6 +217,62 @@ def decode(data: bytes | bytearray) -> torch.Tensor:
     return torch.frombuffer(buffer, dtype=dtype, count=count, offset=8 + n).reshape(shape)
 
 
+class ChecksumError(ValueError):
+    """The bytes read do not hash to the name they were stored under."""
+
+
+Destination = Callable[[torch.dtype, list[int]], torch.Tensor]
+"""Given the header's dtype and shape, returns the (possibly non-contiguous) tensor to read the data into;
+raises `ShardFormatError` if they are not what the caller expects."""
+
+
+def _read_exactly(f: Any, view: memoryview) -> None:  # any binary file object with readinto
+    done = 0
+    while done < view.nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise ShardFormatError("file ends before its data")
+        done += n
+
+
+def read_verified(f: BinaryIO, digest: str, destination: Destination) -> torch.Tensor:
+    """Read a shard straight into the tensor `destination` gives, hashing as it goes; the bytes land in
+    their final place with no intermediate buffer. Raises `ChecksumError` if the sha256 is not `digest`
+    (the destination then holds garbage and must be dropped)."""
+    h = hashlib.sha256()
+    prefix = f.read(8)
+    if len(prefix) != 8:
+        raise ShardFormatError("file shorter than a safetensors header")
+    n = int.from_bytes(prefix, "little")
+    if n > 1 << 20:
+        raise ShardFormatError("implausible safetensors header size")
+    raw = f.read(n)
+    if len(raw) != n:
+        raise ShardFormatError("file ends inside its header")
+    h.update(prefix)
+    h.update(raw)
+    try:
+        entry = json.loads(raw)[TENSOR]
+        dtype = CODES[entry["dtype"]]
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ShardFormatError(f"bad safetensors header: {e}") from e
+    t = destination(dtype, shape)
+    if t.dtype != dtype or list(t.shape) != shape or t.device.type != "cpu":
+        raise ShardFormatError("destination does not match the header")
+    if begin != 0 or end != t.numel() * t.element_size():
+        raise ShardFormatError("the header's offsets do not match its shape")
+    for view in _body(t):
+        _read_exactly(f, view)
+        h.update(view)
+    if f.read(1):
+        raise ShardFormatError("file is longer than its data")
+    if h.hexdigest() != digest:
+        raise ChecksumError(f"sha256 {h.hexdigest()[:12]}... is not {digest[:12]}...")
+    return t
+
+
 def sha256(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -236,6 +293,8 @@ class ShardStorage(Protocol):
     def write(self, path: str, data: Encoded) -> None: ...
 
     def read(self, path: str) -> bytearray: ...
+
+    def open_read(self, path: str) -> BinaryIO: ...
 
     def delete(self, path: str) -> None: ...
 
@@ -307,6 +366,9 @@ class LocalShards:
         for d in created:
             _fsync_dir(d.parent)
 
+    def open_read(self, path: str) -> BinaryIO:
+        return open(self._abs(path), "rb")
+
     def read(self, path: str) -> bytearray:
         p = self._abs(path)
         with open(p, "rb") as f:
@@ -373,6 +435,9 @@ class FsspecShards:
             with contextlib.suppress(OSError):
                 self.fs.rm_file(tmp)
             raise _write_error(self.location, e) from e
+
+    def open_read(self, path: str) -> BinaryIO:
+        return self.fs.open(self._abs(path), "rb")  # type: ignore[no-any-return]
 
     def read(self, path: str) -> bytearray:
         return bytearray(self.fs.cat_file(self._abs(path)))

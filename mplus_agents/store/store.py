@@ -27,11 +27,12 @@ paths use a random key per memory, and every shard row must point inside its own
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -297,32 +298,48 @@ class MemoryStore:
                 turns=int(turns),
             )
 
-    def _read_piece(self, head: _Head, link: SnapshotShard, shard: Shard, user_id: str) -> torch.Tensor:
+    def _read_piece(
+        self,
+        head: _Head,
+        link: SnapshotShard,
+        shard: Shard,
+        user_id: str,
+        into: Callable[[], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Read one shard, checking that its row belongs to this memory, its sha256, dtype and shape.
+
+        `into` gives the tensor to fill (a token range of a preallocated field); default: a new tensor.
+        A missing file raises `_HeadMoved` (the caller decides whether a writer replaced the snapshot).
+        """
         expected = sh.relpath(head.key, shard.sha256)
         if shard.memory_id != head.memory_pk or shard.path != expected:
             raise CorruptShardError(
                 f"shard {shard.sha256[:12]}... of user {user_id!r} ({link.kind}) points at {shard.path!r}, "
                 f"outside this user's memory; refusing to read it. {_rebuild_hint(user_id)}"
             )
+        want_shape = json.loads(shard.shape)
+
+        def destination(dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+            if str(dtype).removeprefix("torch.") != shard.dtype:
+                raise sh.ShardFormatError(f"holds {dtype}, its row says {shard.dtype}")
+            if shape != want_shape:
+                raise sh.ShardFormatError(f"holds shape {shape}, its row says {want_shape}")
+            return into() if into is not None else torch.empty(shape, dtype=dtype)
+
         try:
-            data = self.storage.read(shard.path)
+            with self.storage.open_read(shard.path) as f:
+                return sh.read_verified(f, shard.sha256, destination)
         except FileNotFoundError:
             raise _HeadMoved(shard.path) from None
-        if sh.sha256(data) != shard.sha256:
+        except sh.ChecksumError:
             raise CorruptShardError(
                 f"shard {shard.path} of user {user_id!r} ({link.kind}) is corrupted: its sha256 does not match. "
                 + _rebuild_hint(user_id)
-            )
-        try:
-            t = sh.decode(data)
+            ) from None
         except sh.ShardFormatError as e:
-            raise CorruptShardError(f"shard {shard.path} of user {user_id!r} is unreadable: {e}") from e
-        if sh.dtype_name(t) != shard.dtype or list(t.shape) != json.loads(shard.shape):
             raise CorruptShardError(
-                f"shard {shard.path} of user {user_id!r} holds {t.dtype} {list(t.shape)}, its row says "
-                f"{shard.dtype} {shard.shape}. {_rebuild_hint(user_id)}"
-            )
-        return t
+                f"shard {shard.path} of user {user_id!r} ({link.kind}) is unreadable: {e}. {_rebuild_hint(user_id)}"
+            ) from None
 
     def _load(self, llm: MPlusLLM, head: _Head, user_id: str) -> tuple[MemoryState, list[int], dict[str, str]]:
         """Read and verify the head snapshot; returns (state fitted to `llm`, pending ids, quick-hash map)."""
@@ -360,11 +377,12 @@ class MemoryStore:
 
         def work(job: tuple[torch.Tensor | None, int, int, SnapshotShard, Shard]) -> tuple[str, torch.Tensor, str]:
             full, a, b, link, shard = job
-            t = self._read_piece(head, link, shard, user_id)
+            into = None
             if full is not None:
-                if list(t.shape[2:]) != list(full.shape[2:]) or t.shape[0] != full.shape[0] or t.shape[1] != b - a:
-                    raise CorruptShardError(f"user {user_id!r}: piece {link.kind}[{a}:{b}] has shape {list(t.shape)}")
-                full[:, a:b] = t
+                if json.loads(shard.shape) != [full.shape[0], b - a, *full.shape[2:]]:
+                    raise CorruptShardError(f"user {user_id!r}: piece {link.kind}[{a}:{b}] has shape {shard.shape}")
+                into = functools.partial(_token_range, full, a, b)
+            t = self._read_piece(head, link, shard, user_id, into)
             q = sh.quick_hash(t)
             return link.kind, t, q or ""
 
@@ -885,6 +903,10 @@ def _rebuild_hint(user_id: str) -> str:
         f"The ledger still holds every saved turn: MemoryStore.open(llm, {user_id!r}, rebuild=True) rebuilds "
         "the memory from it."
     )
+
+
+def _token_range(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return t[:, start:stop]
 
 
 def _turn(row: TurnRow) -> Turn:
