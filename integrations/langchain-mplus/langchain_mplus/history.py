@@ -9,6 +9,10 @@ The window is read from the ledger rather than kept in the object because `Runna
 builds a new history object every turn, and because a store-backed ledger survives restarts: two objects
 (or two processes) for one user see the same recent turns. System messages are neither injected nor shown
 (a chain re-sends its system prompt every turn); empty messages carry nothing and are skipped.
+
+`remember` picks which roles are injected (and so shown): all conversation roles by default. A small model
+that parrots its own earlier replies (MEASURED.md) does better remembering only what the user said,
+`remember=("user",)`; see examples/langchain_assistant.py.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ from langchain_mplus._shared import default_llm, user_memory
 from langchain_mplus.messages import role_and_text
 
 DEFAULT_WINDOW = 4
-_CONVERSATION_ROLES = ("user", "assistant", "tool")
+CONVERSATION_ROLES = ("user", "assistant", "tool")
 
 
 class MPlusChatMessageHistory(BaseChatMessageHistory):
-    """Per-user history: every turn goes into latent memory; `messages` is the last `window` turns."""
+    """Per-user history: every turn goes into latent memory; `messages` is the last `window` remembered turns.
+
+    `user_id` names the memory; `llm` defaults to the shared embedded model (the one `ChatMPlus()` reads);
+    `store` is a `MemoryStore` (None: in this process); `window` is how many recent turns `messages` returns;
+    `remember` is which roles are injected.
+    """
 
     def __init__(
         self,
@@ -37,9 +46,14 @@ class MPlusChatMessageHistory(BaseChatMessageHistory):
         llm: MPlusLLM | None = None,
         store: Any = None,
         window: int = DEFAULT_WINDOW,
+        remember: Sequence[str] = CONVERSATION_ROLES,
     ) -> None:
         if not isinstance(window, int) or window < 0:
             raise ValueError(f"window must be an int >= 0, got {window!r}")
+        unknown = set(remember) - set(CONVERSATION_ROLES)
+        if unknown or not remember:
+            raise ValueError(f"remember must name some of {CONVERSATION_ROLES}, got {tuple(remember)!r}")
+        self.remember = tuple(remember)
         self.llm = llm if llm is not None else default_llm()
         self.store = store
         self.window = window
@@ -55,7 +69,7 @@ class MPlusChatMessageHistory(BaseChatMessageHistory):
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
         if self.window == 0:
             return []
-        turns = [t for t in self._memory.history() if t.role in _CONVERSATION_ROLES]
+        turns = [t for t in self._memory.history() if t.role in self.remember]
         return [_to_message(t.role, t.text) for t in turns[-self.window :]]
 
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
@@ -66,7 +80,7 @@ class MPlusChatMessageHistory(BaseChatMessageHistory):
             if isinstance(message, SystemMessage):
                 continue
             role, text = role_and_text(message)
-            if role == "system" or not text.strip():
+            if role not in self.remember or not text.strip():
                 continue
             texts.append(text)
             roles.append(role)

@@ -9,6 +9,8 @@ shared 2-core machine a second spinning thread slows decoding down several times
 from __future__ import annotations
 
 import inspect
+from collections.abc import Generator
+from typing import Any
 
 import pytest
 import torch
@@ -18,11 +20,16 @@ from langchain_mplus import default_llm
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        function = getattr(item, "function", None)
-        if function is not None and inspect.iscoroutinefunction(function) and not item.get_closest_marker("asyncio"):
-            item.add_marker(pytest.mark.asyncio)
+@pytest.hookimpl(hookwrapper=True, trylast=True)
+def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> Generator[None, Any, None]:
+    """Mark coroutine tests before pytest-asyncio (whose wrapper is outside this one) decides what they are."""
+    outcome = yield
+    if not inspect.iscoroutinefunction(obj):
+        return
+    result = outcome.get_result()
+    for node in result if isinstance(result, list) else [result]:
+        if isinstance(node, pytest.Function) and node.get_closest_marker("asyncio") is None:
+            node.add_marker(pytest.mark.asyncio)
 
 
 @pytest.fixture(scope="session")
