@@ -20,7 +20,17 @@ __all__ = [
     "MemoryMismatchError",
     "MemoryState",
     "MemoryStats",
+    "MemoryStore",
     "TokenStore",
     "UnsupportedModelError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """`MemoryStore` needs the `store` extra (SQLAlchemy), so it is imported on first use only."""
+    if name == "MemoryStore":
+        from mplus_agents.store import MemoryStore
+
+        return MemoryStore
+    raise AttributeError(f"module 'mplus_agents' has no attribute {name!r}")

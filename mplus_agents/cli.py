@@ -30,6 +30,8 @@ from rich.table import Table
 from mplus_agents.errors import InvalidInputError, MPlusError
 from mplus_agents.memory import InjectReport, LatentMemory, MemoryStats
 from mplus_agents.model import MPlusLLM
+from mplus_agents.store.cli_commands import StoreOption, open_user_memory
+from mplus_agents.store.cli_commands import register as register_store_commands
 
 app = typer.Typer(
     help="Chat with an LLM whose memory of the conversation lives in its attention keys and values (M+).\n\n"
@@ -174,6 +176,10 @@ def chat(
     no_save: Annotated[
         bool, typer.Option("--no-save", help="Ephemeral chat: read the memory, never write it.")
     ] = False,
+    user: Annotated[
+        str | None, typer.Option("--user", "-u", help="Keep this user's memory in the SQL store instead of a file.")
+    ] = None,
+    store: StoreOption = None,
 ) -> None:
     """Chat on the embedded model with latent memory.
 
@@ -185,9 +191,12 @@ def chat(
     console, errors = out(), err()
     with user_errors():
         llm = load_llm()
-        mem = open_memory(llm, path)
+        mem = open_user_memory(llm, user, store) if user else open_memory(llm, path)
     target = None if no_save else path
-    where = "not saved" if target is None else f"saved to {target}"
+    if user:
+        where = f"user {user!r} in the store" + (" (not saved)" if no_save else "")
+    else:
+        where = "not saved" if target is None else f"saved to {target}"
     tokens = mem.stats().tokens_injected
     errors.print(f"[dim]{escape(llm.name)}, memory {escape(where)}: {tokens:,} tokens so far. /stats, /quit[/]")
     while True:
@@ -211,7 +220,11 @@ def chat(
                 texts.append(reply.strip())
                 roles.append("assistant")
             mem.inject_many(texts, roles=roles)
-            save(mem, target)
+            if user:
+                if not no_save:
+                    mem.save()
+            else:
+                save(mem, target)
         except (MPlusError, OSError) as e:  # the turn is refused or not saved; the chat goes on
             errors.print(f"[bold red]error:[/] {escape(str(e))}")
 
@@ -308,6 +321,9 @@ def stats(memory: MemoryOption = None) -> None:
         llm = load_llm()
         mem = open_memory(llm, path)
     out().print(stats_table(mem.stats(), title=str(path)))
+
+
+register_store_commands(app)
 
 
 def main() -> None:

@@ -200,3 +200,19 @@ def test_corrupt_memory_file_is_refused(tmp_path, smol) -> None:
     path = save_memory(mem, tmp_path / "m.mplus")
     path.write_bytes(path.read_bytes()[:-100])
     assert_clean_failure(run("stats", "-m", str(path)), "m.mplus", "truncated or corrupted")
+
+
+@pytest.mark.slow
+def test_chat_with_user_keeps_memory_in_the_store(tmp_path, smol) -> None:
+    store = str(tmp_path / "store.sqlite3")
+    first = run("chat", "--user", "ada", "--store", store, "--max-new-tokens", "4", input="My locker code is 4812.\n")
+    assert first.exit_code == 0, first.output
+    history = run("history", "ada", "--store", store, "--json")
+    assert history.exit_code == 0, history.output
+    assert "My locker code is 4812." in history.stdout
+    second = run("chat", "--user", "ada", "--store", store, "--max-new-tokens", "4", input="Where do I live?\n")
+    assert second.exit_code == 0, second.output
+    assert "user 'ada' in the store" in second.output
+    users = run("users", "--store", store)
+    assert users.exit_code == 0 and "ada" in users.stdout
+    assert run("history", "ada", "--store", store, "--json").stdout.count("\n") >= 2
