@@ -31,56 +31,21 @@ from safetensors.torch import save_file
 from mplus_agents import __version__
 from mplus_agents.config import MemoryConfig
 from mplus_agents.errors import MemoryMismatchError, MPlusError
+from mplus_agents.fsutil import fsync_dir
 from mplus_agents.memory import LatentMemory
 from mplus_agents.model import MPlusLLM
 from mplus_agents.state import MemoryState
+from mplus_agents.store.fingerprint import differences, model_fingerprint
 
 FORMAT = "mplus-memory"
 FORMAT_VERSION = 1
 PENDING_KEY = "pending"
 SUFFIX = ".mplus"
 
-VOLATILE_CONFIG_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "_model_name_or_path",
-        "_commit_hash",
-        "_attn_implementation",
-        "_attn_implementation_autoset",
-        "transformers_version",
-        "dtype",
-        "torch_dtype",
-        "use_cache",
-    }
-)
-"""Config keys that change with where or how a model was loaded, not with what it computes."""
-
-FINGERPRINT_FIELDS = ("config_sha256", "vocab_size", "layers", "kv_heads", "head_dim", "name")
 
 
 class MemoryFileError(MPlusError, ValueError):
     """A memory file that cannot be read: truncated, corrupted, not a memory file, or from a newer format."""
-
-
-def model_fingerprint(llm: MPlusLLM) -> dict[str, Any]:
-    """What must match for a saved memory to mean the same thing to `llm`.
-
-    The architecture config is hashed without the keys that merely record a load path, a dtype or a
-    transformers version, so the same weights moved to another folder or loaded in bf16 still match.
-    """
-    hf_config: Any = getattr(llm.model, "config")  # noqa: B009 (nn.Module's __getattr__ types it as a Tensor)
-    config = json.loads(hf_config.to_json_string())
-    stable = {k: v for k, v in config.items() if k not in VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(stable, sort_keys=True).encode()).hexdigest()
-    shapes = llm.engine.arch.shapes
-    return {
-        "name": llm.name,
-        "config_sha256": digest,
-        "vocab_size": int(hf_config.vocab_size),
-        "layers": shapes.layers,
-        "kv_heads": shapes.kv_heads,
-        "head_dim": shapes.head_dim,
-    }
 
 
 def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -105,20 +70,6 @@ def _portable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(t.untyped_storage().data_ptr())
         out[name] = t
     return out
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable; some platforms cannot open a directory, which is harmless."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_memory(memory: LatentMemory, path: str | Path) -> Path:
@@ -151,7 +102,7 @@ def save_memory(memory: LatentMemory, path: str | Path) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -169,9 +120,9 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 
 def _check_model(path: Path, saved: dict[str, Any], llm: MPlusLLM) -> None:
     current = model_fingerprint(llm)
-    differ = [k for k in FINGERPRINT_FIELDS if saved.get(k) != current[k]]
+    differ = differences(saved, current)
     if differ:
-        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in differ)
+        details = ", ".join(differ)
         raise MemoryMismatchError(
             f"{path} was made with model {saved.get('name')!r}, not with the loaded model {current['name']!r} "
             f"({details}). Latent memory only works with the model that wrote it; rebuild it by injecting the "

@@ -129,7 +129,7 @@ def test_another_architecture_is_refused(tmp_path) -> None:
     llm = MPlusLLM(tiny_llama(), CharTokenizer(), SMALL_INPUT)
     path = save_memory(filled(llm, ["one two three four five six seven eight nine ten"]), tmp_path / "m.mplus")
     other = MPlusLLM(tiny_llama(num_hidden_layers=2), CharTokenizer(), SMALL_INPUT)
-    with pytest.raises(MemoryMismatchError, match=r"layers: saved 3, now 2"):
+    with pytest.raises(MemoryMismatchError, match=r"layers: stored 3, now 2"):
         load_memory(other, path)
 
 

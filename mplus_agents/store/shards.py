@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Protocol
 
 import torch
 
+from mplus_agents.fsutil import fsync_dir
 from mplus_agents.state import MemoryState
 from mplus_agents.store.errors import StoreUnavailableError
 
@@ -303,20 +304,6 @@ class ShardStorage(Protocol):
     def remove_tree(self, prefix: str) -> None: ...
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry durable; platforms that cannot open directories skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_error(location: str, e: OSError) -> StoreUnavailableError:
     reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else str(e)
     return StoreUnavailableError(
@@ -362,9 +349,9 @@ class LocalShards:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise _write_error(self.location, e) from e
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         for d in created:
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
 
     def open_read(self, path: str) -> BinaryIO:
         return open(self._abs(path), "rb")
@@ -401,7 +388,7 @@ class LocalShards:
             else:
                 p.unlink()
         base.rmdir()
-        _fsync_dir(base.parent)
+        fsync_dir(base.parent)
 
 
 class FsspecShards:
