@@ -70,9 +70,25 @@ def stream_text(
     """Yield text pieces; `step(token)` feeds one token and returns the next logits."""
     result = result if result is not None else DecodeResult()
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
-    emitted = 0
-    logits = first_logits
     hold = max((len(s) for s in cfg.stop), default=1) - 1
+    try:
+        yield from _decode_loop(first_logits, step, decode, eos_ids, cfg, result, generator, hold)
+    except GeneratorExit:  # the consumer stopped reading: say so instead of a misleading "length"
+        result.finish_reason = "cancelled"
+        raise
+
+
+def _decode_loop(
+    logits: torch.Tensor,
+    step: Callable[[int], torch.Tensor],
+    decode: Callable[[list[int]], str],
+    eos_ids: set[int],
+    cfg: SamplingConfig,
+    result: DecodeResult,
+    generator: torch.Generator | None,
+    hold: int,
+) -> Iterator[str]:
+    emitted = 0
     for i in range(cfg.max_new_tokens):
         token = pick_token(logits, cfg, generator)
         if token in eos_ids:

@@ -227,13 +227,18 @@ class MPlusLLM:
 
     # ------------------------------------------------------------------ read
 
-    def chat_prompt(self, messages: Sequence[Message], pending: Sequence[int] = ()) -> Prompt:
-        """Recent messages as quoted turns, then the last user message inside the question frame."""
+    def chat_prompt(self, messages: Sequence[Message], pending: Sequence[int] = (), reply_prefix: str = "") -> Prompt:
+        """Recent messages as quoted turns, then the last user message inside the question frame.
+
+        Earlier messages may carry any role (a tool result is quoted as "tool: ..."); `reply_prefix` is text
+        the reply is forced to start with (e.g. the opening of a tool call), appended after the frame.
+        """
         if not messages:
             raise InvalidInputError("chat() needs at least one message")
         for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise InvalidInputError(f"each message needs a role in {ROLES} and str content, got {m!r}")
+            role = m.get("role") if isinstance(m, dict) else None
+            if not isinstance(role, str) or not role.strip() or not isinstance(m.get("content"), str):
+                raise InvalidInputError(f"each message needs a role (e.g. one of {ROLES}) and str content, got {m!r}")
         last = messages[-1]
         if last["role"] != "user":
             raise InvalidInputError(f"the last message must come from the user, got role {last['role']!r}")
@@ -249,6 +254,8 @@ class MPlusLLM:
         ids += self.encode(last["content"])
         stop = len(ids)
         ids += self.encode(after)
+        if reply_prefix:
+            ids += self.encode(reply_prefix)
         return Prompt(torch.tensor(ids, dtype=torch.long), torch.arange(start, stop, dtype=torch.long))
 
     def raw_prompt(self, text: str) -> Prompt:

@@ -122,3 +122,22 @@ def test_auto_score_layers_spread_and_validation() -> None:
     assert MemoryConfig(score_layers=(0, 2)).scoring_layers(3) == (0, 2)
     with pytest.raises(ValueError, match="out of range"):
         MemoryConfig(score_layers=(5,)).scoring_layers(3)
+
+
+def test_chat_prompt_takes_any_role_and_a_reply_prefix() -> None:
+    llm = MPlusLLM(tiny_llama(), CharTokenizer())
+    messages = [{"role": "tool", "content": "42"}, {"role": "user", "content": "what did the tool say"}]
+    plain = llm.chat_prompt(messages)
+    forced = llm.chat_prompt(messages, reply_prefix="answer:")
+    assert forced.ids.tolist() == plain.ids.tolist() + llm.encode("answer:")
+    assert torch.equal(forced.query_index, plain.query_index)
+
+
+def test_closing_a_stream_early_reports_cancelled() -> None:
+    from mplus_agents.generation import SamplingConfig
+
+    llm = MPlusLLM(tiny_llama(), CharTokenizer())
+    gen = llm.start(llm.raw_prompt("hello"), None, SamplingConfig(max_new_tokens=20))
+    next(gen.pieces)
+    gen.pieces.close()  # type: ignore[attr-defined]
+    assert gen.result.finish_reason == "cancelled"
