@@ -86,6 +86,8 @@ class _Plan:
     forced: ToolSpec | None = None
     choose: bool = False
     allow_many: bool = False
+    query_skip: int = 0
+    """Leading tokens of the question (the tool list) that must not score long-term memory blocks."""
 
 
 @dataclass
@@ -232,11 +234,11 @@ class MPlus(FunctionCallingLLM):
 
     # ------------------------------------------------------------------ prompt building
 
-    def _sampling(self, kwargs: dict[str, Any], max_new_tokens: int | None = None) -> SamplingConfig:
+    def _sampling(self, kwargs: dict[str, Any]) -> SamplingConfig:
         n = kwargs.pop("max_new_tokens", None) or kwargs.pop("max_tokens", None) or self.max_new_tokens
         stop = [*self.stop, *(kwargs.pop("stop", None) or [])]
         return SamplingConfig(
-            max_new_tokens=int(max_new_tokens or n),
+            max_new_tokens=int(n),
             temperature=float(kwargs.pop("temperature", self.temperature)),
             top_p=float(kwargs.pop("top_p", self.top_p)),
             top_k=int(kwargs.pop("top_k", self.top_k)),
@@ -296,8 +298,11 @@ class MPlus(FunctionCallingLLM):
         content = question
         if results:
             content += "\n\nTool results:\n" + "\n".join(results) + "\nUse these results to answer."
+        query_skip = 0
         if specs:
-            content = render_tools(specs) + "\n\n" + content
+            preamble = render_tools(specs) + "\n\n"
+            content = preamble + content
+            query_skip = len(self._llm.encode(preamble))
         plan = _Plan(
             messages=[*history, {"role": "user", "content": content}],
             memory=memory,
@@ -308,16 +313,20 @@ class MPlus(FunctionCallingLLM):
             forced=forced,
             choose=bool(specs) and forced is None and (tool_required or named is not None),
             allow_many=allow_many,
+            query_skip=query_skip,
         )
         return plan
 
     def _prompt(self, plan: _Plan, prefill: str = "") -> Prompt:
         pending = plan.memory.pending if plan.memory is not None else []
         prompt = self._llm.chat_prompt(plan.messages, pending)
+        query_index = prompt.query_index
+        if 0 < plan.query_skip < len(query_index):
+            query_index = query_index[plan.query_skip :]  # retrieval is driven by the user's words only
+        ids = prompt.ids
         if prefill:
-            extra = torch.tensor(self._llm.encode(prefill), dtype=torch.long)
-            prompt = Prompt(torch.cat([prompt.ids, extra]), prompt.query_index)
-        return prompt
+            ids = torch.cat([ids, torch.tensor(self._llm.encode(prefill), dtype=torch.long)])
+        return Prompt(ids, query_index)
 
     # ------------------------------------------------------------------ generation
 
