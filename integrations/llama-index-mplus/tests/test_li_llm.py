@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 import pytest
+from llama_index.core.base.llms.types import ToolCallBlock
 from llama_index.core.llms import ChatMessage
 from llama_index.llms.mplus import MPlus
 
@@ -91,6 +92,19 @@ def test_async_methods_run_off_the_event_loop(llm: MPlus) -> None:
     assert text.strip() and completion.strip()
     assert len(pieces) > 1 and "".join(pieces).strip()
     assert len(stream) > 1 and "".join(stream).strip()
+
+
+def test_earlier_tool_traffic_is_quoted_in_the_prompt(llm: MPlus) -> None:
+    call = ToolCallBlock(tool_call_id="c1", tool_name="multiply", tool_kwargs={"a": 6, "b": 7})
+    history = [
+        user("What is 6 times 7?"),
+        ChatMessage(role="assistant", blocks=[call]),
+        ChatMessage(role="tool", content="42", additional_kwargs={"tool_call_id": "c1"}),
+        ChatMessage(role="assistant", content="6 times 7 is 42."),
+        user("Thanks! And what was the result again?"),
+    ]
+    reply = llm.chat(history, max_new_tokens=12)
+    assert reply.message.content and reply.raw["prompt_tokens"] > 40  # the earlier turn is in the prompt
 
 
 def test_bad_input_is_a_clear_error(llm: MPlus) -> None:

@@ -19,7 +19,6 @@ from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Seque
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
@@ -319,14 +318,11 @@ class MPlus(FunctionCallingLLM):
 
     def _prompt(self, plan: _Plan, prefill: str = "") -> Prompt:
         pending = plan.memory.pending if plan.memory is not None else []
-        prompt = self._llm.chat_prompt(plan.messages, pending)
-        query_index = prompt.query_index
-        if 0 < plan.query_skip < len(query_index):
-            query_index = query_index[plan.query_skip :]  # retrieval is driven by the user's words only
-        ids = prompt.ids
-        if prefill:
-            ids = torch.cat([ids, torch.tensor(self._llm.encode(prefill), dtype=torch.long)])
-        return Prompt(ids, query_index)
+        prompt = self._llm.chat_prompt(plan.messages, pending, reply_prefix=prefill)
+        if 0 < plan.query_skip < len(prompt.query_index):
+            # Retrieval is driven by the user's words only, not by the tool list in front of them.
+            prompt = Prompt(prompt.ids, prompt.query_index[plan.query_skip :])
+        return prompt
 
     # ------------------------------------------------------------------ generation
 
@@ -533,10 +529,10 @@ def _tool_name(message: ChatMessage, call_names: dict[str, str]) -> str:
 
 
 def _to_mplus(message: ChatMessage, call_names: dict[str, str]) -> dict[str, str] | None:
-    """One earlier message as mplus_agents sees it (tool traffic becomes assistant text)."""
+    """One earlier message as mplus_agents sees it; a tool call is written in the format the model is asked for."""
     text = _text(message)
     if message.role == MessageRole.TOOL or message.role == MessageRole.FUNCTION:
-        return {"role": "assistant", "content": f"(tool {_tool_name(message, call_names)} returned: {text})"}
+        return {"role": "tool", "content": f"{_tool_name(message, call_names)} returned: {text}"}
     calls = _calls(message)
     if calls:
         text = "\n".join([text, *(render_call(c.tool_name, c.tool_kwargs) for c in calls)]).strip()
