@@ -18,7 +18,7 @@ import torch
 from mplus_agents.chunking import split_chunks
 from mplus_agents.config import MemoryConfig
 from mplus_agents.engine import Engine, MPlusWeights, ReadInfo, Sink
-from mplus_agents.errors import InvalidInputError, ModelNotFoundError, PromptTooLongError
+from mplus_agents.errors import InvalidInputError, MemoryMismatchError, ModelNotFoundError, PromptTooLongError
 from mplus_agents.framing import Frame
 from mplus_agents.generation import DecodeResult, SamplingConfig, stream_text
 from mplus_agents.memory import LatentMemory, Progress
@@ -142,19 +142,25 @@ class MPlusLLM:
     def new_memory(self, config: MemoryConfig | None = None, *, user_id: str | None = None) -> LatentMemory:
         return LatentMemory(self, config or self.config, user_id=user_id)
 
-    def memory(self, user_id: str, store: Any = None) -> LatentMemory:
+    def memory(self, user_id: str, store: Any = None, config: MemoryConfig | None = None) -> LatentMemory:
         """Open (or create) `user_id`'s latent memory.
 
         With `store=None` memories live in this process only (one object per user id, so every caller sees
-        the same memory). With a `MemoryStore` they are loaded from and saved to it.
+        the same memory). With a `MemoryStore` they are loaded from and saved to it. `config` applies when the
+        memory is created; opening an existing memory with a different config is refused.
         """
         user_id = validate_user_id(user_id)
         if store is not None:
-            return store.open(self, user_id)  # type: ignore[no-any-return]
+            return store.open(self, user_id, config=config)  # type: ignore[no-any-return]
         with self._memories_lock:
             if user_id not in self._memories:
-                self._memories[user_id] = self.new_memory(user_id=user_id)
-            return self._memories[user_id]
+                self._memories[user_id] = self.new_memory(config, user_id=user_id)
+            mem = self._memories[user_id]
+        if config is not None and mem.config != config:
+            raise MemoryMismatchError(
+                f"user {user_id!r} already has a memory with another config; reset it or use the same config"
+            )
+        return mem
 
     def empty_state(self, config: MemoryConfig) -> MemoryState:
         s = self.engine.arch.shapes

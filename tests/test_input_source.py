@@ -141,3 +141,14 @@ def test_closing_a_stream_early_reports_cancelled() -> None:
     next(gen.pieces)
     gen.pieces.close()  # type: ignore[attr-defined]
     assert gen.result.finish_reason == "cancelled"
+
+
+def test_memory_per_user_with_its_own_config() -> None:
+    from mplus_agents import MemoryMismatchError
+
+    llm = MPlusLLM(tiny_llama(), CharTokenizer())
+    docs = MemoryConfig(pool_size=256, chunk_size=128, retrieve_tokens=64)
+    mem = llm.memory("docs", config=docs)
+    assert mem.config == docs and llm.memory("docs") is mem
+    with pytest.raises(MemoryMismatchError, match="another config"):
+        llm.memory("docs", config=MemoryConfig())
