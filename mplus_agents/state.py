@@ -216,6 +216,23 @@ class MemoryState:
             rng_state=self.rng_state.clone(),
         )
 
+    def fitted_to(self, template: MemoryState) -> MemoryState:
+        """This state checked against `template` (an empty state of the reading model) and moved to its device
+        and dtypes, so a memory saved in fp32 can serve a bf16 model. Raises ValueError naming the first
+        field whose presence or shape does not match."""
+        parts: list[TokenStore] = []
+        for part in ("pool", "ltm", "staging"):
+            have, want = getattr(self, part), getattr(template, part)
+            if have.tensors().keys() != want.tensors().keys():
+                raise ValueError(f"{part} holds fields {sorted(have.tensors())}, expected {sorted(want.tensors())}")
+            n = len(have)
+            for name, t in have.tensors().items():
+                expected = (want.layers, n, *getattr(want, name).shape[2:])
+                if tuple(t.shape) != expected:
+                    raise ValueError(f"{part}.{name} has shape {tuple(t.shape)}, expected {expected}")
+            parts.append(have.to(dtype=want.k.dtype, device=want.k.device))
+        return dataclasses.replace(self, pool=parts[0], ltm=parts[1], staging=parts[2])
+
     def long_term_size(self) -> int:
         return len(self.ltm) + len(self.staging)
 

@@ -130,37 +130,6 @@ def _check_model(path: Path, saved: dict[str, Any], llm: MPlusLLM) -> None:
         )
 
 
-def _fit(state: MemoryState, template: MemoryState) -> MemoryState:
-    """Put every part where and in the dtype this model keeps it (a memory saved in fp32 can serve bf16)."""
-    parts = {}
-    for part in ("pool", "ltm", "staging"):
-        want = getattr(template, part)
-        parts[part] = getattr(state, part).to(dtype=want.k.dtype, device=want.k.device)
-    return MemoryState(
-        config=state.config,
-        injections=state.injections,
-        tokens_injected=state.tokens_injected,
-        next_block=state.next_block,
-        since_merge=state.since_merge,
-        rng_state=state.rng_state,
-        **parts,
-    )
-
-
-def _check_shapes(path: Path, state: MemoryState, template: MemoryState) -> None:
-    for part in ("pool", "ltm", "staging"):
-        have, want = getattr(state, part), getattr(template, part)
-        if have.tensors().keys() != want.tensors().keys():
-            raise MemoryFileError(
-                f"{path}: {part} holds fields {sorted(have.tensors())}, expected {sorted(want.tensors())}"
-            )
-        n = len(have)
-        for name, t in have.tensors().items():
-            expected = (want.layers, n, *getattr(want, name).shape[2:])
-            if tuple(t.shape) != expected:
-                raise MemoryFileError(f"{path}: {part}.{name} has shape {tuple(t.shape)}, expected {expected}")
-
-
 def load_memory(llm: MPlusLLM, path: str | Path, *, user_id: str | None = None) -> LatentMemory:
     """Read a memory written by `save_memory` for `llm`.
 
@@ -196,7 +165,10 @@ def load_memory(llm: MPlusLLM, path: str | Path, *, user_id: str | None = None) 
     except (KeyError, TypeError, ValueError) as e:
         raise MemoryFileError(f"{path} does not hold a complete memory: {e}") from e
     template = llm.empty_state(config)
-    _check_shapes(path, state, template)
-    memory = LatentMemory(llm, config, _fit(state, template), user_id=user_id or metadata.get("user_id") or None)
+    try:
+        fitted = state.fitted_to(template)
+    except ValueError as e:
+        raise MemoryFileError(f"{path}: {e}") from e
+    memory = LatentMemory(llm, config, fitted, user_id=user_id or metadata.get("user_id") or None)
     memory.pending = [int(i) for i in pending.tolist()]
     return memory

@@ -12,15 +12,6 @@ from mplus_agents.errors import ModelNotFoundError, PromptTooLongError
 from tests.conftest import CharTokenizer, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forwards are far faster on one thread while other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def tiny() -> MPlusLLM:
     return MPlusLLM(tiny_llama(), CharTokenizer(), MemoryConfig(pool_size=256, chunk_size=64, injection_context=64))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mplus_agents import MemoryConfig, MPlusLLM
@@ -12,15 +11,6 @@ from mplus_agents.statefile import load_memory, save_memory
 from tests.conftest import CharTokenizer, tiny_llama
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small forwards are far faster on one thread while other processes share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -49,7 +49,7 @@ from mplus_agents.config import MemoryConfig
 from mplus_agents.errors import MemoryMismatchError
 from mplus_agents.memory import LatentMemory, Turn, replay
 from mplus_agents.model import validate_user_id
-from mplus_agents.state import MemoryState, TokenStore
+from mplus_agents.state import MemoryState
 from mplus_agents.store import fingerprint as fpr
 from mplus_agents.store import shards as sh
 from mplus_agents.store.errors import (
@@ -402,7 +402,11 @@ class MemoryStore:
         except (KeyError, ValueError, TypeError) as e:
             hint = _rebuild_hint(user_id)
             raise CorruptShardError(f"user {user_id!r}: the snapshot is incomplete ({e}). {hint}") from e
-        return _fit(state, llm.empty_state(cfg), user_id), [int(i) for i in pending.tolist()], known
+        try:
+            fitted = state.fitted_to(llm.empty_state(cfg))
+        except ValueError as e:
+            raise CorruptShardError(f"user {user_id!r}: {e}") from e
+        return fitted, [int(i) for i in pending.tolist()], known
 
     def _saved_turns(self, memory_pk: int) -> list[Turn]:
         with self._errors("reading the history"), self._read() as s:
@@ -927,29 +931,3 @@ def _delete_memory_rows(s: Session, memory_pk: int) -> None:
     s.execute(delete(Shard).where(Shard.memory_id == memory_pk))
     s.execute(delete(TurnRow).where(TurnRow.memory_id == memory_pk))
     s.execute(delete(Memory).where(Memory.id == memory_pk))
-
-
-def _fit(state: MemoryState, template: MemoryState, user_id: str) -> MemoryState:
-    """Check every part against what this model holds, and put it on its device in its dtype."""
-    parts: dict[str, TokenStore] = {}
-    for part in ("pool", "ltm", "staging"):
-        have, want = getattr(state, part), getattr(template, part)
-        if have.tensors().keys() != want.tensors().keys():
-            raise CorruptShardError(
-                f"user {user_id!r}: {part} holds {sorted(have.tensors())}, this model expects {sorted(want.tensors())}"
-            )
-        n = len(have)
-        for name, t in have.tensors().items():
-            expected = (want.layers, n, *getattr(want, name).shape[2:])
-            if tuple(t.shape) != expected:
-                raise CorruptShardError(f"user {user_id!r}: {part}.{name} has shape {tuple(t.shape)}, not {expected}")
-        parts[part] = have.to(dtype=want.k.dtype, device=want.k.device)
-    return MemoryState(
-        config=state.config,
-        injections=state.injections,
-        tokens_injected=state.tokens_injected,
-        next_block=state.next_block,
-        since_merge=state.since_merge,
-        rng_state=state.rng_state,
-        **parts,
-    )
