@@ -17,17 +17,21 @@ from typing import Any, Literal
 Source = Literal["input", "output"]
 DropPolicy = Literal["random", "oldest"]
 Selection = Literal["shared", "per_layer"]
-Scorer = Literal["sigmoid_mean", "max_logit"]
+Scorer = Literal["sigmoid_mean", "max_logit", "max_z"]
 
 
 AUTO_SCORE_LAYERS = 5
 
 
 def auto_score_layers(layers: int) -> tuple[int, ...]:
-    """`AUTO_SCORE_LAYERS` layers evenly spread from layer 2 to the last few (all layers of a shallow model)."""
+    """`AUTO_SCORE_LAYERS` layers evenly spread over 40%-80% of the depth (all layers of a shallow model).
+
+    Measured on SmolLM2 (30 layers) at 16k tokens of chat, fact block read for 18 questions with `max_z`:
+    layers 12-24 13/18 (as many as all 30 layers), 15-27 10/18, 9-25 8/18, 2-26 8/18, 1-5 2/18.
+    """
     if layers <= AUTO_SCORE_LAYERS + 2:
         return tuple(range(layers))
-    first, last = 2, layers - 4
+    first, last = round(0.4 * layers), round(0.8 * layers)
     step = (last - first) / (AUTO_SCORE_LAYERS - 1)
     return tuple(sorted({round(first + i * step) for i in range(AUTO_SCORE_LAYERS)}))
 
@@ -56,12 +60,13 @@ class MemoryConfig:
     """`per_layer`: each layer retrieves with its own queries (M+). `shared`: one block selection for all."""
     block_size: int = 64
     """Retrieval granularity in tokens; 1 is single-token retrieval as in M+."""
-    scorer: Scorer = "max_logit"
-    """Training-free score: `sigmoid_mean` (SPEC 4.5 on pre-RoPE q.k) or `max_logit` (best query token)."""
+    scorer: Scorer = "max_z"
+    """Training-free score on pre-RoPE q.k: `sigmoid_mean` (SPEC 4.5's formula), `max_logit` (best query token)
+    or `max_z` (best query token after standardising each token's logits over all candidates, an IDF-like
+    correction; at 16k tokens of chat it read the fact's block 8/18 times against 6/18 for `max_logit`)."""
     score_layers: tuple[int, ...] | None = None
-    """Layers whose queries score long-term blocks in `shared` mode. None: `AUTO_SCORE_LAYERS` layers spread
-    over the depth, skipping the first two (measured on SmolLM2 at 16k tokens: five spread layers select as
-    well as all 30, at a sixth of the cost; the first layers alone select badly)."""
+    """Layers whose queries score long-term blocks in `shared` mode. None: `auto_score_layers`, five layers in
+    40%-80% of the depth, which select as well as all layers at a sixth of the cost."""
     ltm_merge_every: int = 1
     """Injections between merges of the staging cache into the long-term store (M+: 60)."""
     ltm_initial_rf: float = 10.0

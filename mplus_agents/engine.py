@@ -20,7 +20,7 @@ from transformers import DynamicCache
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
 from mplus_agents.ops import KeyFn, add_to_pool
-from mplus_agents.retrieval import select_tokens, token_scores
+from mplus_agents.retrieval import head_mean_logits, max_standardized, select_tokens, token_scores
 from mplus_agents.state import MemoryState, TokenStore
 
 
@@ -76,6 +76,8 @@ class Candidates:
         return self.offsets[-1]
 
     def scores(self, layer: int, q: torch.Tensor, scorer: str) -> torch.Tensor:
+        if scorer == "max_z":  # standardised over all candidates, so the parts' logits are joined first
+            return max_standardized(torch.cat([head_mean_logits(q.to(p.k.device), p.k[layer]) for p in self.parts], 1))
         return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer) for p in self.parts])
 
     def field(self, name: str, layer: int) -> torch.Tensor:

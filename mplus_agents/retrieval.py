@@ -36,14 +36,11 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
     scale = 1.0 / math.sqrt(head_dim)
     out = torch.empty(n, dtype=torch.float32, device=k.device)
     if scorer == "max_logit":
-        # The head mean is linear, so fold it into the query: mean_h q_h.k_h = (q_bar . k_flat) / kv_heads with
-        # q_bar the group-mean query per KV head. One contiguous GEMM [T, kv*hd] x [kv*hd, n], no copies of k.
-        q_bar = q.reshape(t, kv_heads, groups, head_dim).mean(dim=2).reshape(t, kv_heads * head_dim)
-        q_bar = (q_bar * (scale / kv_heads)).to(k.dtype)
-        flat = k.reshape(n, kv_heads * head_dim)
         for start in range(0, n, SCORE_CHUNK):
-            out[start : start + SCORE_CHUNK] = (q_bar @ flat[start : start + SCORE_CHUNK].T).float().amax(dim=0)
+            out[start : start + SCORE_CHUNK] = head_mean_logits(q, k[start : start + SCORE_CHUNK]).amax(dim=0)
         return out
+    if scorer == "max_z":
+        return max_standardized(head_mean_logits(q, k))
     if scorer != "sigmoid_mean":
         raise ValueError(f"unknown scorer {scorer!r}")
     # sigmoid is not linear: one GEMM per KV head over the strided [n, head_dim] view (BLAS reads it in place).
@@ -56,6 +53,34 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
             acc += torch.sigmoid(logits).sum(dim=0)
         out[start : start + kc.shape[0]] = acc / (t * heads)
     return out
+
+
+def head_mean_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[T, n] float32: mean over query heads of q.k/sqrt(head_dim), each query head against its KV head.
+
+    The head mean is linear, so it folds into the query: mean_h q_h.k_h = (q_bar . k_flat) / kv_heads with
+    q_bar the group-mean query per KV head. One contiguous GEMM [T, kv*hd] x [kv*hd, n], no copies of k.
+    """
+    t, heads, head_dim = q.shape
+    n, kv_heads, _ = k.shape
+    groups = heads // kv_heads
+    q_bar = q.reshape(t, kv_heads, groups, head_dim).mean(dim=2).reshape(t, kv_heads * head_dim)
+    q_bar = (q_bar * (1.0 / (math.sqrt(head_dim) * kv_heads))).to(k.dtype)
+    return (q_bar @ k.reshape(n, kv_heads * head_dim).T).float()
+
+
+def max_standardized(logits: torch.Tensor) -> torch.Tensor:
+    """Standardise each query token's logits over all candidates, then keep the best query token.
+
+    An IDF-like correction: a query word that matches everything ("my", "?") has a high mean and gets
+    little credit, while a word whose match is rare ("locker") stands out. Needs every candidate at once,
+    so callers with several candidate parts concatenate their `head_mean_logits` first.
+    """
+    if logits.shape[1] < 2:
+        return logits.amax(dim=0) if logits.shape[1] else logits.new_zeros(0)
+    mean = logits.mean(dim=1, keepdim=True)
+    std = logits.std(dim=1, keepdim=True) + 1e-6
+    return ((logits - mean) / std).amax(dim=0)
 
 
 def projector_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,7 @@ def test_long_term_store_in_bf16_with_fp32_model() -> None:
 def test_auto_score_layers_spread_and_validation() -> None:
     from mplus_agents.config import auto_score_layers
 
-    assert auto_score_layers(30) == (2, 8, 14, 20, 26)
+    assert auto_score_layers(30) == (12, 15, 18, 21, 24)
     assert auto_score_layers(3) == (0, 1, 2)
     assert MemoryConfig(score_layers=(0, 2)).scoring_layers(3) == (0, 2)
     with pytest.raises(ValueError, match="out of range"):

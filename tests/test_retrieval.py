@@ -217,3 +217,45 @@ def test_selection_order_uses_ages_not_positions() -> None:
     age = torch.tensor([10, 40, 20, 40, 30, 0])
     index = select_tokens(scores, torch.arange(6), age, 4, exact=True)
     assert index.tolist() == [1, 3, 2, 0]
+
+
+def test_max_z_matches_a_naive_reference() -> None:
+    """max_z: per query token, standardise the head-mean logits over candidates, keep the best token."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(5, 6, 8, generator=g)
+    k = torch.randn(40, 2, 8, generator=g)
+    groups = 3
+    naive = torch.empty(5, 40)
+    for t in range(5):
+        for j in range(40):
+            naive[t, j] = sum(float(q[t, h] @ k[j, h // groups]) for h in range(6)) / 6 / 8**0.5
+    z = (naive - naive.mean(1, keepdim=True)) / (naive.std(1, keepdim=True) + 1e-6)
+    assert torch.allclose(token_scores(q, k, "max_z"), z.amax(0), atol=1e-4)
+
+
+def test_candidates_score_parts_as_one_set() -> None:
+    """Merged and staged candidates are scored in place; max_z must still standardise over both together."""
+    import dataclasses
+
+    from mplus_agents import MemoryConfig
+    from mplus_agents.engine import Candidates
+    from mplus_agents.state import MemoryState, TokenStore
+
+    g = torch.Generator().manual_seed(3)
+
+    def store(n: int, rf: bool) -> TokenStore:
+        return TokenStore(
+            k=torch.randn(2, n, 2, 8, generator=g), v=torch.randn(2, n, 2, 8, generator=g),
+            age=torch.arange(n).expand(2, n).clone(), block=torch.arange(n).expand(2, n).clone(),
+            rf=torch.ones(2, n) if rf else None,
+        )  # fmt: skip
+
+    empty = store(0, False)
+    state = MemoryState(config=MemoryConfig(), pool=empty, ltm=store(30, True), staging=store(12, False))
+    q = torch.randn(4, 6, 8, generator=g)
+    joined = torch.cat([state.ltm.k, state.staging.k], dim=1)
+    for scorer in ("max_z", "max_logit", "sigmoid_mean"):
+        got = Candidates(state).scores(1, q, scorer)
+        assert torch.allclose(got, token_scores(q, joined[1], scorer), atol=1e-5), scorer
+    only_ltm = dataclasses.replace(state, staging=store(0, False))
+    assert len(Candidates(only_ltm)) == 30
