@@ -241,6 +241,34 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV written by `write_csv`, numbers parsed back (empty cells become None)."""
+
+    def parse(value: str) -> Any:
+        if value == "":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def token_axis(ax: Any, lengths: Sequence[float]) -> None:
+    """Log x axis with ticks only at the measured lengths, labelled 2k / 64k (no overlapping minor labels)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ticks = sorted(set(lengths))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t / 1000:.3g}k" if t >= 1000 else f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 

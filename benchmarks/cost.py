@@ -44,8 +44,10 @@ from common import (
     out_name,
     peak_rss_bytes,
     print_table,
+    read_csv,
     rss_bytes,
     run_info,
+    token_axis,
     window,
     write_csv,
     write_json,
@@ -66,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--build-batch", type=int, default=1,
                    help="turns per inject_many call while building the latent history (not timed)")
     p.add_argument("--no-isolate", action="store_true", help="run all systems in this process")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     add_common_args(p)
@@ -244,7 +247,7 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         ax1.plot(xs, ts, marker="o", label=system)
         ax2.plot(xs, ms, marker="o", label=system)
     for ax, label in ((ax1, f"seconds per turn ({args.new_tokens} new tokens)"), (ax2, "peak RSS (MB)")):
-        ax.set_xscale("log")
+        token_axis(ax, [r["history_tokens"] for r in rows])
         ax.set_xlabel("history tokens")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -257,4 +260,8 @@ def plot(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    cli_args = parse_args()
+    if cli_args.replot:
+        plot(cli_args, read_csv(out_name(cli_args, "cost", "csv")))
+    else:
+        run(cli_args)

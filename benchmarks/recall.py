@@ -38,7 +38,9 @@ from common import (
     load_llm,
     out_name,
     print_table,
+    read_csv,
     run_info,
+    token_axis,
     window,
     write_csv,
     write_json,
@@ -62,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--inject-batch", type=int, default=1,
         help="filler turns per inject_many call (1 = one inject per turn, like a chat; fact turns always alone)",
     )
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -318,7 +321,7 @@ def plot(args: argparse.Namespace, summary: dict[str, Any]) -> None:
         ax.plot(xs, ys, line, marker=marker, markersize=8 if name == "full_context" else 6, alpha=0.85,
                 label=name)
     n = summary["csv"][0]["n"] if summary["csv"] else 0
-    ax.set_xscale("log")
+    token_axis(ax, [r["length"] for r in summary["csv"]])
     ax.set_xlabel("history tokens before the questions")
     ax.set_ylabel(f"recall (hits / {n})")
     ax.set_ylim(-0.03, 1.03)
@@ -331,4 +334,8 @@ def plot(args: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    run(parse_args())
+    cli_args = parse_args()
+    if cli_args.replot:
+        plot(cli_args, {"csv": read_csv(out_name(cli_args, "recall", "csv"))})
+    else:
+        run(cli_args)
