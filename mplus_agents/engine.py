@@ -11,6 +11,7 @@ per-layer BOS vectors of SPEC 2.1.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -57,6 +58,10 @@ class ReadInfo:
     retrieved_tokens: int
     retrieved_blocks: list[list[int]] = field(default_factory=list)
     """Block ids retrieved, per layer (one entry for a `shared` selection)."""
+
+
+class _PrePassDone(Exception):
+    """Ends the query-collecting pre-pass once the last scoring layer has been seen."""
 
 
 class Candidates:
@@ -310,15 +315,18 @@ class Engine:
         """One selection for all layers: a pre-pass over [sink, pool] gives every layer's queries."""
         cfg = state.config
         wanted = set(cfg.scoring_layers(self.arch.shapes.layers))
+        last = max(wanted)
         queries: dict[int, torch.Tensor] = {}
 
         def pre(layer: int, hidden: torch.Tensor) -> None:
             if layer in wanted:
                 queries[layer] = self._queries(layer, hidden, query_index)
+            if layer == last:
+                raise _PrePassDone  # the layers above the last scoring layer are not needed
 
         k = torch.cat([sink.k, state.pool.k.to(sink.k.dtype)], dim=1)
         v = torch.cat([sink.v, state.pool.v.to(sink.v.dtype)], dim=1)
-        with layer_hooks(self.arch, pre=pre):
+        with layer_hooks(self.arch, pre=pre), contextlib.suppress(_PrePassDone):
             self.forward(self._rope_cache(k, v), ids, k.shape[1])
         total = torch.zeros(len(cand), dtype=torch.float32, device=cand.parts[0].k.device)
         for layer, q in queries.items():

@@ -152,3 +152,19 @@ def test_memory_per_user_with_its_own_config() -> None:
     assert mem.config == docs and llm.memory("docs") is mem
     with pytest.raises(MemoryMismatchError, match="another config"):
         llm.memory("docs", config=MemoryConfig())
+
+
+def test_shared_read_leaves_no_hooks_and_retrieves() -> None:
+    """The pre-pass stops after the last scoring layer by raising; every hook must still be removed."""
+    cfg = MemoryConfig(pool_size=40, chunk_size=32, min_chunk=8, retrieve_tokens=16, block_size=4, score_layers=(1,))
+    llm = MPlusLLM(tiny_llama(), CharTokenizer(), cfg)
+    mem = llm.new_memory()
+    for i in range(6):
+        mem.inject(f"turn number {i} with some words")
+    assert mem.stats().long_term_tokens > 0
+    sink = llm.sink(cfg)
+    with torch.no_grad():
+        _, _, _, info = llm.engine.read(mem.state, sink, torch.tensor([5, 6, 7]), torch.arange(3))
+    assert 0 < info.retrieved_tokens <= 16
+    for module in llm.model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks
