@@ -54,6 +54,10 @@ class MemoryConfig:
     """No chunk is shorter than this; shorter tails are merged into their neighbour (SPEC 3.3)."""
     injection_context: int = 512
     """`input` source: newest pool tokens a chunk attends to while it is encoded (M+ uses K)."""
+    read_pool_tokens: int | None = None
+    """Newest pool tokens always shown at a read; older pool tokens compete with the long-term store for the
+    retrieval budget instead. None: the whole pool is always shown (M+). A small value keeps the prefix short,
+    which small models need (they are distracted by unrelated context)."""
     drop_policy: DropPolicy = "oldest"
     """Which pool tokens leave for the long-term store on overflow: `random` per layer (M+) or `oldest`."""
     selection: Selection = "shared"
@@ -87,6 +91,8 @@ class MemoryConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"MemoryConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.read_pool_tokens is not None and self.read_pool_tokens < 0:
+            raise ValueError("MemoryConfig.read_pool_tokens must be >= 0 or None")
         if self.retrieve_tokens < 0 or self.injection_context < 0:
             raise ValueError("MemoryConfig.retrieve_tokens and injection_context must be >= 0")
         if 2 * self.min_chunk > self.chunk_size + 1:

@@ -12,6 +12,7 @@ per-layer BOS vectors of SPEC 2.1.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -60,6 +61,15 @@ class ReadInfo:
     """Block ids retrieved, per layer (one entry for a `shared` selection)."""
 
 
+def _split_pool(state: MemoryState) -> tuple[TokenStore, TokenStore | None]:
+    """(pool tokens always shown, older pool tokens that become retrieval candidates) per `read_pool_tokens`."""
+    pool, shown = state.pool, state.config.read_pool_tokens
+    if shown is None or shown >= len(pool):
+        return pool, None
+    n = len(pool)
+    return pool.take(torch.arange(n - shown, n)), pool.take(torch.arange(0, n - shown))
+
+
 class _PrePassDone(Exception):
     """Ends the query-collecting pre-pass once the last scoring layer has been seen."""
 
@@ -71,8 +81,9 @@ class Candidates:
     part is scored in place and only the selected rows are gathered.
     """
 
-    def __init__(self, state: MemoryState) -> None:
-        self.parts = [p for p in (state.ltm, state.staging) if len(p)]
+    def __init__(self, state: MemoryState, extra: TokenStore | None = None) -> None:
+        parts = (state.ltm, state.staging) if extra is None else (state.ltm, state.staging, extra)
+        self.parts = [p for p in parts if len(p)]
         self.offsets = [0]
         for p in self.parts:
             self.offsets.append(self.offsets[-1] + len(p))
@@ -272,8 +283,9 @@ class Engine:
         `query_index` selects the prompt tokens whose queries score the long-term store.
         """
         cfg = state.config
-        cand = Candidates(state)
-        pool = state.pool
+        pool, older = _split_pool(state)
+        cand = Candidates(state, older)
+        state = dataclasses.replace(state, pool=pool)
         budget = min(cfg.retrieve_tokens, len(cand))
         with torch.no_grad():
             if budget == 0 or query_index.numel() == 0:

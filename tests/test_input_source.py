@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -168,3 +170,24 @@ def test_shared_read_leaves_no_hooks_and_retrieves() -> None:
     assert 0 < info.retrieved_tokens <= 16
     for module in llm.model.modules():
         assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_pool_hidden_from_the_read_is_retrievable_and_exact_when_all_retrieved() -> None:
+    """read_pool_tokens=0 with a budget covering everything reads the same prefix as showing the whole pool."""
+    base = MemoryConfig(pool_size=512, chunk_size=64, min_chunk=8, block_size=8)
+    llm = MPlusLLM(tiny_llama(), CharTokenizer(), base)
+    mem = llm.new_memory()
+    for i in range(5):
+        mem.inject(f"turn number {i} says something else")
+    prompt = llm.encode("turn number 3")
+    whole = memory_logits(llm, mem, prompt)
+    hidden = base.replace(read_pool_tokens=0, retrieve_tokens=10_000)
+    other = llm.new_memory(hidden)
+    other.replace_state(dataclasses.replace(mem.state, config=hidden))
+    assert rel_err(memory_logits(llm, other, prompt), whole) < 1e-5
+    small = base.replace(read_pool_tokens=8, retrieve_tokens=16)
+    third = llm.new_memory(small)
+    third.replace_state(dataclasses.replace(mem.state, config=small))
+    with torch.no_grad():
+        _, _, _, info = llm.engine.read(third.state, llm.sink(small), torch.tensor(prompt), torch.arange(len(prompt)))
+    assert info.pool_tokens == 8 and 0 < info.retrieved_tokens <= 16
