@@ -77,8 +77,6 @@ class MemoryConfig:
     """Recall frequency given to entries when they enter the long-term store."""
     ltm_decay: float = 0.0
     """Subtracted from every recall frequency at each merge; entries at or below 0.01 are evicted."""
-    ltm_recall_bonus: float = 0.0
-    """Added to an entry's recall frequency each time it is retrieved (M+ inference never does)."""
     ltm_max_tokens: int | None = None
     """Hard cap per layer; the oldest entries are evicted beyond it. None: unbounded."""
     ltm_dtype: str | None = None

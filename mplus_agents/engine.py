@@ -180,8 +180,8 @@ class Engine:
             hidden = emb.expand(self.arch.shapes.layers, 1, -1)
         hidden = hidden.to(device=self.arch.device, dtype=self.arch.dtype)
         with torch.no_grad():
-            kv = [self.arch.kv_from_hidden(layer, hidden[layer]) for layer in range(self.arch.shapes.layers)]
-        return Sink(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]), hidden)
+            k, v = self.arch.kv_all_layers(hidden)
+        return Sink(k, v, hidden)
 
     # ------------------------------------------------------------------ write path
 
@@ -233,8 +233,7 @@ class Engine:
             prefix_hidden = prefix_hidden.clone()
             prefix_hidden[:, new_from:] += e_new
         with torch.no_grad():
-            kv = [self.arch.kv_from_hidden(layer, prefix_hidden[layer]) for layer in range(self.arch.shapes.layers)]
-        cache = self._rope_cache(torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv]))
+            cache = self._rope_cache(*self.arch.kv_all_layers(prefix_hidden))
         prefix_len = prefix_hidden.shape[1]
         delta: list[torch.Tensor | None] = [None] * self.arch.shapes.layers
         new_count = min(big_k, seq_len - prefix_len)  # queried rows that become memory
@@ -259,9 +258,8 @@ class Engine:
             self.forward(cache, torch.cat([dummy, ids.cpu()]), prefix_len)
         hidden_new = torch.stack(delta)  # type: ignore[arg-type]
         with torch.no_grad():
-            kv_new = [self.arch.kv_from_hidden(layer, hidden_new[layer]) for layer in range(hidden_new.shape[0])]
-        k = torch.stack([k for k, _ in kv_new]).to(pool.k.dtype)
-        v = torch.stack([v for _, v in kv_new]).to(pool.v.dtype)
+            k_new, v_new = self.arch.kv_all_layers(hidden_new)
+        k, v = k_new.to(pool.k.dtype), v_new.to(pool.v.dtype)
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
         new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone(), hidden=hidden_new.to(pool.hidden.dtype))
         if pool.score_key is not None:

@@ -96,10 +96,6 @@ class Arch:
     def value_module(self, layer: int) -> Any:
         return self.layers[layer].self_attn.v_proj
 
-    def _heads(self, x: torch.Tensor, count: int) -> torch.Tensor:
-        """[..., count*head_dim] or [..., count, head_dim] -> [n, count, head_dim]."""
-        return x.reshape(-1, count, self.shapes.head_dim)
-
     def q_from_normed(self, layer: int, normed: torch.Tensor) -> torch.Tensor:
         """Pre-RoPE queries [n, heads, head_dim] from already normalised hidden states [n, d]."""
         attn = self.layers[layer].self_attn
@@ -122,6 +118,11 @@ class Arch:
             k = attn.k_norm(k)
         v = attn.v_proj(normed).reshape(-1, self.shapes.kv_heads, self.shapes.head_dim)
         return k, v
+
+    def kv_all_layers(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`kv_from_hidden` in every layer for per-layer memory vectors [L, n, d] -> keys, values [L, n, kv, hd]."""
+        kv = [self.kv_from_hidden(layer, hidden[layer]) for layer in range(hidden.shape[0])]
+        return torch.stack([k for k, _ in kv]), torch.stack([v for _, v in kv])
 
     def normed(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.layers[layer].input_layernorm(hidden)
