@@ -254,7 +254,7 @@ class LatentMemory:
 
     def stats(self) -> MemoryStats:
         s = self._state
-        size = sum(t.numel() * t.element_size() for t in s.tensors().values())
+        size = s.nbytes()
         return MemoryStats(
             pool_tokens=len(s.pool),
             pool_capacity=self.config.pool_size,

@@ -233,6 +233,12 @@ class MemoryState:
             parts.append(have.to(dtype=want.k.dtype, device=want.k.device))
         return dataclasses.replace(self, pool=parts[0], ltm=parts[1], staging=parts[2])
 
+    def nbytes(self) -> int:
+        """Bytes the state's tensors hold; counted on the stores' own views, never on `tensors()` copies."""
+        parts = (self.pool, self.ltm, self.staging)
+        held = sum(t.numel() * t.element_size() for p in parts for t in p.tensors().values())
+        return held + self.rng_state.numel() * self.rng_state.element_size() + 4 * 8  # + the four int64 counters
+
     def long_term_size(self) -> int:
         return len(self.ltm) + len(self.staging)
 

@@ -53,3 +53,13 @@ def test_with_fields_keeps_growth_for_untouched_fields() -> None:
     grown = aged.append(random_store(2, 2, 7))
     assert grown.growth is store.growth
     assert torch.equal(grown.age[:, :8], store.age + 1)
+
+
+def test_nbytes_counts_what_tensors_holds_without_copying() -> None:
+    from mplus_agents import MemoryConfig
+    from mplus_agents.state import MemoryState
+
+    ltm = random_store(2, 5, 8).append(random_store(2, 3, 9))  # a growth-buffer view, not contiguous
+    empty = random_store(2, 0, 10)
+    state = MemoryState(config=MemoryConfig(), pool=random_store(2, 4, 11), ltm=ltm, staging=empty)
+    assert state.nbytes() == sum(t.numel() * t.element_size() for t in state.tensors().values())
