@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
 
+from mplus_agents.fast import FastDecoder
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
 from mplus_agents.ops import KeyFn, add_to_pool
@@ -124,6 +126,19 @@ class Engine:
         self.arch = Arch(model)
         self.model: Any = cast(Any, model)
         self.weights = weights or MPlusWeights()
+        self.use_fast = os.environ.get("MPLUS_FAST_PATH", "1") != "0"
+        """Decode steps and `input` injections run on `FastDecoder` when the model supports it (same
+        numbers within fp32 tolerance, tests/test_fast.py). Set False (or MPLUS_FAST_PATH=0) for stock HF."""
+        self._fast: FastDecoder | None = None
+
+    def fast(self) -> FastDecoder | None:
+        """The fast path for this model, (re)built when the weights changed; None when off or unsupported."""
+        if not self.use_fast or not FastDecoder.supports(self.arch):
+            return None
+        fast = self._fast
+        if fast is None or not fast.current() or fast.dtype != self.arch.dtype or fast.device != self.arch.device:
+            fast = self._fast = FastDecoder(self.arch)
+        return fast
 
     # ------------------------------------------------------------------ prefix plumbing
 
@@ -195,10 +210,14 @@ class Engine:
         width = min(state.config.injection_context, len(pool))
         ctx_k = torch.cat([sink.k, pool.k[:, len(pool) - width :].to(sink.k.dtype)], dim=1)
         ctx_v = torch.cat([sink.v, pool.v[:, len(pool) - width :].to(sink.v.dtype)], dim=1)
-        with torch.no_grad(), capture_kv(self.arch) as (keys, values):
-            self.forward(self._rope_cache(ctx_k, ctx_v), ids, ctx_k.shape[1])
-        k = torch.stack(keys).to(pool.k.dtype)  # type: ignore[arg-type]
-        v = torch.stack(values).to(pool.v.dtype)  # type: ignore[arg-type]
+        fast = self.fast()
+        if fast is not None:
+            k, v = fast.prefill_kv(ids, ctx_k, ctx_v)
+        else:
+            with torch.no_grad(), capture_kv(self.arch) as (keys, values):
+                self.forward(self._rope_cache(ctx_k, ctx_v), ids, ctx_k.shape[1])
+            k, v = torch.stack(keys), torch.stack(values)  # type: ignore[arg-type]
+        k, v = k.to(pool.k.dtype), v.to(pool.v.dtype)
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
         new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone())
         return add_to_pool(state, new)

@@ -19,6 +19,7 @@ from mplus_agents.chunking import split_chunks
 from mplus_agents.config import MemoryConfig
 from mplus_agents.engine import Engine, MPlusWeights, ReadInfo, Sink
 from mplus_agents.errors import InvalidInputError, MemoryMismatchError, ModelNotFoundError, PromptTooLongError
+from mplus_agents.fast import StaticCache
 from mplus_agents.framing import Frame
 from mplus_agents.generation import DecodeResult, SamplingConfig, stream_text
 from mplus_agents.memory import LatentMemory, Progress
@@ -285,12 +286,17 @@ class MPlusLLM:
             logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index)
         result = DecodeResult()
         position = [pos]
+        fast = self.engine.fast() if sampling.max_new_tokens > 1 else None
+        static = StaticCache.from_dynamic(fast, cache, sampling.max_new_tokens) if fast is not None else None
 
         def step(token: int) -> torch.Tensor:
-            with torch.no_grad():
-                out = self.engine.forward(cache, torch.tensor([token]), position[0])
+            if fast is not None and static is not None:
+                out = fast.step(static, token, position[0])
+            else:
+                with torch.no_grad():
+                    out = self.engine.forward(cache, torch.tensor([token]), position[0])[-1]
             position[0] += 1
-            return out[-1]
+            return out
 
         pieces = stream_text(logits, step, self._decode, self._eos_ids(), sampling, result)
         return Generation(pieces=pieces, result=result, read=read, prompt_tokens=int(prompt.ids.numel()))
