@@ -1,0 +1,381 @@
+"""Speed against the machine's limits: decode ms/token and injection tokens/s, each next to its alternative.
+
+Decode (greedy, a fixed number of tokens, no EOS stop so every system does equal work), at two context
+sizes: a short chat prompt with an empty memory, and a full default memory (sink + retrieved long-term +
+short-term pool, ~3.1k positions) whose in-context alternative is a prompt of the same length:
+- `ours`: `MPlusLLM.start`'s engine calls (memory read, then the fast path's steps on a static cache);
+- `ours-stock`: the same with the fast path off (HF forward + DynamicCache per step, the previous default);
+- `hf-generate`: plain `model.generate` on a prompt of the same total length (per-token time from the
+  difference of N-token and 1-token runs, so the prefill is excluded);
+- `llama.cpp`: llama-cpp-python on the GGUF the embedded model comes from (Q4_1 weights), same token ids.
+Each is also given as a fraction of its bandwidth floor: (weight bytes + attended K/V bytes per token) /
+memory bandwidth, where bandwidth is measured in the same run (best of several sums over a 1 GB tensor).
+
+Injection: `LatentMemory.inject` of a long text (fast path on and off) next to plain HF prefill of the same
+tokens in the same 512-token chunks, and as FLOP/s over the GEMM FLOP/s measured in the same run.
+
+Systems are measured interleaved, round by round; the table reports medians over rounds (the machine is
+shared, so single runs are noisy). Writes speed.csv, speed.json and speed.png under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from common import RESULTS, eos_ids  # noqa: E402
+from conversation import filler_sentence  # noqa: E402
+
+from mplus_agents import MPlusLLM  # noqa: E402
+from mplus_agents.default_model import gguf_path  # noqa: E402
+from mplus_agents.fast import StaticCache  # noqa: E402
+
+Timer = Callable[[], float]
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def bandwidth_gbs(reps: int = 5) -> float:
+    """Best read bandwidth over a 1 GB fp32 tensor (sum), GB/s: the denominator of every floor."""
+    big = torch.ones(256 * 1024 * 1024)
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        big.sum()
+        best = max(best, big.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def gemm_gflops(reps: int = 5) -> float:
+    """Best fp32 GEMM throughput over model-shaped and square products, GFLOP/s."""
+    best = 0.0
+    for m, k, n in ((512, 576, 1536), (512, 1536, 576), (1024, 1024, 1024)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = max(best, 4 * 2 * m * k * n / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads (each parameter once; tied embeddings are the LM head)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_position(llm: MPlusLLM, element_size: int) -> int:
+    s = llm.engine.arch.shapes
+    return s.layers * 2 * s.kv_heads * s.head_dim * element_size
+
+
+def flops_per_injected_token(llm: MPlusLLM, context: float) -> float:
+    """Linear layers (no embedding / LM head) plus attention at an average of `context` attended positions."""
+    s = llm.engine.arch.shapes
+    linear = 0
+    for block in llm.engine.arch.layers:
+        linear += sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+    attention = s.layers * 2 * 2 * s.heads * s.head_dim * context
+    return 2.0 * linear + attention
+
+
+def filler_text(llm: MPlusLLM, tokens: int, seed: int) -> str:
+    """At least `tokens` tokens of the recall benchmark's unrelated conversation filler."""
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    while True:
+        sentences += [filler_sentence(rng) for _ in range(64)]
+        text = " ".join(sentences)
+        if len(llm.encode(text)) >= tokens:
+            return text
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def ours_decode(llm: MPlusLLM, mem: Any, message: str, n: int, fast: bool) -> tuple[float, int]:
+    """ms/token of the steps after the memory read (the read is the prefill); returns (ms, prefix+prompt)."""
+    engine = llm.engine
+    engine.use_fast = fast
+    try:
+        prompt = llm.chat_prompt([{"role": "user", "content": message}], mem.pending)
+        sink = llm.sink(mem.config)
+        with torch.no_grad():
+            logits, cache, pos, _ = engine.read(mem.state, sink, prompt.ids, prompt.query_index)
+        context = pos
+        token = int(torch.argmax(logits))
+        fast_path = engine.fast()
+        if fast_path is not None:
+            static = StaticCache.from_dynamic(fast_path, cache, n)
+            t = time.perf_counter()
+            for _ in range(n):
+                token = int(torch.argmax(fast_path.step(static, token, pos)))
+                pos += 1
+        else:
+            t = time.perf_counter()
+            with torch.no_grad():
+                for _ in range(n):
+                    token = int(torch.argmax(engine.forward(cache, torch.tensor([token]), pos)[-1]))
+                    pos += 1
+        return (time.perf_counter() - t) / n * 1000, context
+    finally:
+        engine.use_fast = True
+
+
+def hf_decode(llm: MPlusLLM, ids: list[int], n: int) -> float:
+    """ms/token of plain `generate`: (time for 1+n tokens - time for 1 token) / n."""
+    model = llm.model
+    x = torch.tensor([ids])
+    kwargs: dict[str, Any] = dict(
+        do_sample=False, eos_token_id=eos_ids(llm), pad_token_id=eos_ids(llm)[0],
+        temperature=None, top_p=None, top_k=None, attention_mask=torch.ones_like(x),
+    )
+    with torch.no_grad():
+        t = time.perf_counter()
+        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        one = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(x, max_new_tokens=n + 1, min_new_tokens=n + 1, **kwargs)
+        many = time.perf_counter() - t
+    return max(many - one, 1e-9) / n * 1000
+
+
+class LlamaCpp:
+    """llama-cpp-python on the embedded model's GGUF, fed our token ids (same vocabulary)."""
+
+    def __init__(self, n_ctx: int, threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.path = gguf_path()
+        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
+
+    def decode(self, ids: list[int], n: int) -> float:
+        import numpy as np
+
+        llm = self.llm
+        llm.reset()
+        llm.eval(ids)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t = time.perf_counter()
+        for _ in range(n):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return (time.perf_counter() - t) / n * 1000
+
+    def weight_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------- inject
+
+
+def ours_inject(llm: MPlusLLM, text: str, fast: bool) -> float:
+    llm.engine.use_fast = fast
+    try:
+        mem = llm.new_memory()
+        t = time.perf_counter()
+        report = mem.inject(text, role="user")
+        return report.tokens / (time.perf_counter() - t)
+    finally:
+        llm.engine.use_fast = True
+
+
+def hf_prefill(llm: MPlusLLM, ids: list[int], chunk: int) -> float:
+    t = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(ids), chunk):
+            llm.model(input_ids=torch.tensor([ids[i : i + chunk]]), logits_to_keep=1)
+    return len(ids) / (time.perf_counter() - t)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--inject-tokens", type=int, default=4096)
+    parser.add_argument("--memory-tokens", type=int, default=12000, help="injected before the full-memory read")
+    parser.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's)")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+
+    llm = MPlusLLM.from_default()
+    cfg = llm.config
+    message = "Write a long story about a lighthouse keeper and her cat."
+    empty = llm.new_memory()
+    full = llm.new_memory()
+    full.inject(filler_text(llm, args.memory_tokens, seed=1), role="user")
+    inject_text = filler_text(llm, args.inject_tokens, seed=2)
+    inject_ids = llm.encode(llm.frame.render_item(inject_text, "user"))
+
+    # In-context prompts of the same lengths as the memory reads (real text, same question at the end).
+    contexts: dict[str, tuple[Any, list[int]]] = {}
+    for name, mem in (("short", empty), ("full-memory", full)):
+        _, ctx = ours_decode(llm, mem, message, 1, fast=True)
+        question = llm.chat_prompt([{"role": "user", "content": message}]).ids.tolist()
+        filler = llm.encode(filler_text(llm, ctx + 64, seed=3))[: max(0, ctx - len(question))]
+        contexts[name] = (mem, filler + question)
+
+    cpp: LlamaCpp | None = None
+    cpp_note = ""
+    if not args.no_llamacpp:
+        try:
+            cpp = LlamaCpp(max(len(ids) for _, ids in contexts.values()) + args.decode_tokens + 16, threads)
+        except ImportError:
+            cpp_note = "llama-cpp-python not installed (pip install llama-cpp-python); column skipped"
+    print(f"threads {threads}; {cpp_note}".rstrip("; "))
+
+    decode: dict[tuple[str, str], list[float]] = {}
+    inject: dict[str, list[float]] = {}
+    bw: list[float] = []
+    gemm: list[float] = []
+    n = args.decode_tokens
+    for r in range(args.rounds):
+        bw.append(bandwidth_gbs())
+        gemm.append(gemm_gflops())
+        for name, (mem, ids) in contexts.items():
+            decode.setdefault((name, "ours"), []).append(ours_decode(llm, mem, message, n, fast=True)[0])
+            decode.setdefault((name, "ours-stock"), []).append(ours_decode(llm, mem, message, n, fast=False)[0])
+            decode.setdefault((name, "hf-generate"), []).append(hf_decode(llm, ids, n))
+            if cpp is not None:
+                decode.setdefault((name, "llama.cpp"), []).append(cpp.decode(ids, n))
+        inject.setdefault("ours", []).append(ours_inject(llm, inject_text, fast=True))
+        inject.setdefault("ours-stock", []).append(ours_inject(llm, inject_text, fast=False))
+        inject.setdefault("hf-prefill", []).append(hf_prefill(llm, inject_ids, cfg.chunk_size))
+        print(f"round {r + 1}/{args.rounds}: bandwidth {bw[-1]:.1f} GB/s, GEMM {gemm[-1]:.0f} GFLOP/s", flush=True)
+
+    bandwidth = max(bw)  # the floor uses the best bandwidth seen: a floor must not be flattered by noise
+    gemm_peak = max(gemm)
+    fp32_weights = weight_bytes(llm.model)
+    rows: list[dict[str, Any]] = []
+    for (ctx_name, system), values in decode.items():
+        ctx_len = len(contexts[ctx_name][1])
+        if system == "llama.cpp":
+            assert cpp is not None
+            nbytes = cpp.weight_bytes() + ctx_len * kv_bytes_per_position(llm, 2)  # f16 K/V by default
+        else:
+            nbytes = fp32_weights + ctx_len * kv_bytes_per_position(llm, 4)
+        floor_ms = nbytes / (bandwidth * 1e9) * 1000
+        ms = statistics.median(values)
+        rows.append(dict(
+            kind="decode", context=ctx_name, context_tokens=ctx_len, system=system, value=round(ms, 2),
+            unit="ms/token", min=round(min(values), 2), max=round(max(values), 2),
+            floor_ms=round(floor_ms, 2), of_floor=round(floor_ms / ms, 3),
+        ))
+    stock = {r["context"]: r["value"] for r in rows if r["system"] == "hf-generate"}
+    for row in rows:
+        row["vs_hf_generate"] = round(stock[row["context"]] / row["value"], 2)
+    avg_ctx = (cfg.injection_context + len(llm.sink(cfg))) + cfg.chunk_size / 2
+    flops = flops_per_injected_token(llm, avg_ctx)
+    hf_tps = statistics.median(inject["hf-prefill"])
+    for system, values in inject.items():
+        tps = statistics.median(values)
+        rows.append(dict(
+            kind="inject", context=f"{args.inject_tokens} tokens", context_tokens=len(inject_ids), system=system,
+            value=round(tps, 1), unit="tokens/s", min=round(min(values), 1), max=round(max(values), 1),
+            gflops=round(tps * flops / 1e9, 1), of_gemm=round(tps * flops / 1e9 / gemm_peak, 3),
+            vs_hf_prefill=round(tps / hf_tps, 2),
+        ))
+    meta = dict(
+        bandwidth_gbs=round(bandwidth, 1), bandwidth_rounds=[round(b, 1) for b in bw],
+        gemm_gflops=round(gemm_peak, 1), gemm_rounds=[round(g, 1) for g in gemm], threads=threads,
+        fp32_weight_bytes=fp32_weights, gguf_bytes=cpp.weight_bytes() if cpp else None, rounds=args.rounds,
+        decode_tokens=n, flops_per_injected_token=flops, llamacpp=cpp_note or "measured",
+    )
+    report(rows, meta, args.out)
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"\nbandwidth {meta['bandwidth_gbs']} GB/s (best of {meta['bandwidth_rounds']}), "
+          f"GEMM {meta['gemm_gflops']} GFLOP/s (best of {meta['gemm_rounds']}), threads {meta['threads']}")
+    print(f"\n{'decode':<12} {'ctx':>6} {'system':<12} {'ms/tok':>8} {'range':>13} {'floor':>7} {'of floor':>9} "
+          f"{'x HF gen':>9}")
+    for r in rows:
+        if r["kind"] == "decode":
+            print(f"{r['context']:<12} {r['context_tokens']:>6} {r['system']:<12} {r['value']:>8.1f} "
+                  f"{r['min']:>6.1f}-{r['max']:<6.1f} {r['floor_ms']:>7.1f} {r['of_floor']:>9.0%} "
+                  f"{r['vs_hf_generate']:>9.2f}")
+    print(f"\n{'inject':<12} {'system':<12} {'tok/s':>8} {'range':>13} {'GFLOP/s':>8} {'of GEMM':>8} "
+          f"{'x HF prefill':>13}")
+    for r in rows:
+        if r["kind"] == "inject":
+            print(f"{r['context']:<12} {r['system']:<12} {r['value']:>8.0f} {r['min']:>6.0f}-{r['max']:<6.0f} "
+                  f"{r['gflops']:>8.1f} {r['of_gemm']:>8.0%} {r['vs_hf_prefill']:>13.2f}")
+    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    with open(out / "speed.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "speed.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    plot(rows, meta, out / "speed.png")
+    print(f"\nwrote {out / 'speed.csv'}, {out / 'speed.json'}, {out / 'speed.png'}")
+
+
+def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    dec = [r for r in rows if r["kind"] == "decode"]
+    contexts = list(dict.fromkeys(r["context"] for r in dec))
+    systems = list(dict.fromkeys(r["system"] for r in dec))
+    width = 0.8 / len(systems)
+    for i, system in enumerate(systems):
+        xs, ys, labels = [], [], []
+        for j, ctx in enumerate(contexts):
+            for r in dec:
+                if r["system"] == system and r["context"] == ctx:
+                    xs.append(j + i * width)
+                    ys.append(r["value"])
+                    labels.append(f"{r['of_floor']:.0%}")
+        bars = a.bar(xs, ys, width, label=system)
+        a.bar_label(bars, labels=labels, fontsize=7)
+    a.set_xticks([j + 0.4 - width / 2 for j in range(len(contexts))])
+    a.set_xticklabels([f"{c} ({next(r['context_tokens'] for r in dec if r['context'] == c)} tok)" for c in contexts])
+    a.set_ylabel("ms / token (label: fraction of bandwidth floor)")
+    a.set_title(f"decode, {meta['bandwidth_gbs']} GB/s measured")
+    a.legend(fontsize=8)
+    inj = [r for r in rows if r["kind"] == "inject"]
+    bars = b.bar([r["system"] for r in inj], [r["value"] for r in inj])
+    b.bar_label(bars, labels=[f"{r['of_gemm']:.0%} of GEMM" for r in inj], fontsize=8)
+    b.set_ylabel("tokens / s")
+    b.set_title(f"injection, GEMM {meta['gemm_gflops']} GFLOP/s measured")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
