@@ -30,6 +30,7 @@ from conversation import word_tokens  # noqa: E402
 from mplus_agents import LatentMemory, MPlusLLM  # noqa: E402
 from mplus_agents.config import MemoryConfig  # noqa: E402
 from mplus_agents.engine import ReadInfo  # noqa: E402
+from mplus_agents.fast import StaticCache  # noqa: E402
 from mplus_agents.generation import SamplingConfig  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -154,8 +155,8 @@ def latent_turn_forced(
 ) -> tuple[str, float, float, ReadInfo]:
     """One latent read + exactly `new_tokens` greedy tokens (no EOS stop, so every system does equal work).
 
-    The same engine calls as `MPlusLLM.start` (read, then one `forward` per token). Returns (text, seconds
-    for the read / first token, seconds for the remaining tokens, read info).
+    The same engine calls as `MPlusLLM.start` (read, then one fast-path step, or `forward`, per token).
+    Returns (text, seconds for the read / first token, seconds for the remaining tokens, read info).
     """
     state = mem.state
     prompt = llm.chat_prompt([{"role": "user", "content": message}], mem.pending)
@@ -165,8 +166,13 @@ def latent_turn_forced(
         logits, cache, pos, read = llm.engine.read(state, sink, prompt.ids, prompt.query_index)
         tokens = [int(torch.argmax(logits))]
         t1 = time.perf_counter()
+        fast = llm.engine.fast()  # what `start` decodes with (None: the stock forward)
+        static = StaticCache.from_dynamic(fast, cache, new_tokens) if fast is not None else None
         for _ in range(new_tokens - 1):
-            logits = llm.engine.forward(cache, torch.tensor([tokens[-1]]), pos)[-1]
+            if fast is not None and static is not None:
+                logits = fast.step(static, tokens[-1], pos)
+            else:
+                logits = llm.engine.forward(cache, torch.tensor([tokens[-1]]), pos)[-1]
             pos += 1
             tokens.append(int(torch.argmax(logits)))
     t2 = time.perf_counter()

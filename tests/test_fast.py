@@ -184,3 +184,23 @@ def test_smol_fast_path_matches_stock(smol: MPlusLLM) -> None:
         engine.use_fast = True
     assert replies[0] == replies[1]
     assert rel_err(pools[0], pools[1]) < 1e-5
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen3])
+def test_bf16_model_runs_in_its_dtype(make) -> None:
+    """bf16 weights: same math in bf16; agreement is bf16-close (rounding order differs), not fp32-exact."""
+    engine = Engine(make(seed=6).to(torch.bfloat16))
+    fast = engine.fast()
+    assert fast is not None and fast.dtype == torch.bfloat16
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, 64, (30,), generator=gen)
+    steps = torch.randint(3, 64, (5,), generator=gen).tolist()
+    ref = hf_decode(engine, prompt, steps)
+    cache = DynamicCache()
+    with torch.no_grad():
+        engine.forward(cache, prompt, 0)
+    static = StaticCache.from_dynamic(fast, cache, len(steps))
+    for i, tok in enumerate(steps):
+        got = fast.step(static, tok, len(prompt) + i)
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got.float(), ref[i + 1].float()) < 3e-2
