@@ -147,21 +147,24 @@ def ours_decode(llm: MPlusLLM, mem: Any, message: str, n: int, fast: bool) -> tu
 
 
 def hf_decode(llm: MPlusLLM, ids: list[int], n: int) -> float:
-    """ms/token of plain `generate`: (time for 1+n tokens - time for 1 token) / n."""
-    model = llm.model
+    """ms/token of plain `generate`, timed between its logits-processor calls (one per step, after prefill)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            stamps.append(time.perf_counter())
+            return scores
+
     x = torch.tensor([ids])
-    kwargs: dict[str, Any] = dict(
-        do_sample=False, eos_token_id=eos_ids(llm), pad_token_id=eos_ids(llm)[0],
-        temperature=None, top_p=None, top_k=None, attention_mask=torch.ones_like(x),
-    )
     with torch.no_grad():
-        t = time.perf_counter()
-        model.generate(x, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        one = time.perf_counter() - t
-        t = time.perf_counter()
-        model.generate(x, max_new_tokens=n + 1, min_new_tokens=n + 1, **kwargs)
-        many = time.perf_counter() - t
-    return max(many - one, 1e-9) / n * 1000
+        llm.model.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False,
+            eos_token_id=eos_ids(llm), pad_token_id=eos_ids(llm)[0], temperature=None, top_p=None, top_k=None,
+            logits_processor=LogitsProcessorList([Stamp()]),
+        )
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1000
 
 
 class LlamaCpp:
@@ -273,6 +276,9 @@ def main() -> None:
         inject.setdefault("ours-stock", []).append(ours_inject(llm, inject_text, fast=False))
         inject.setdefault("hf-prefill", []).append(hf_prefill(llm, inject_ids, cfg.chunk_size))
         print(f"round {r + 1}/{args.rounds}: bandwidth {bw[-1]:.1f} GB/s, GEMM {gemm[-1]:.0f} GFLOP/s", flush=True)
+        args.out.mkdir(parents=True, exist_ok=True)  # raw numbers so far, in case a later round dies
+        raw = dict(bw=bw, gemm=gemm, inject=inject, decode={f"{c}/{s}": v for (c, s), v in decode.items()})
+        (args.out / "speed_raw.json").write_text(json.dumps(raw, indent=1))
 
     bandwidth = max(bw)  # the floor uses the best bandwidth seen: a floor must not be flattered by noise
     gemm_peak = max(gemm)
