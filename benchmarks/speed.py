@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -159,7 +159,7 @@ def hf_decode(llm: MPlusLLM, ids: list[int], n: int) -> float:
 
     x = torch.tensor([ids])
     with torch.no_grad():
-        llm.model.generate(
+        cast(Any, llm.model).generate(
             x, attention_mask=torch.ones_like(x), max_new_tokens=n + 1, min_new_tokens=n + 1, do_sample=False,
             eos_token_id=eos_ids(llm), pad_token_id=eos_ids(llm)[0], temperature=None, top_p=None, top_k=None,
             logits_processor=LogitsProcessorList([Stamp()]),
@@ -177,17 +177,23 @@ class LlamaCpp:
         self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
 
     def decode(self, ids: list[int], n: int) -> float:
-        import numpy as np
-
+        """ms/token of single-token evals after evaluating `ids` (greedy on the last token's logits)."""
         llm = self.llm
         llm.reset()
         llm.eval(ids)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = self._argmax()
         t = time.perf_counter()
         for _ in range(n):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = self._argmax()
         return (time.perf_counter() - t) / n * 1000
+
+    def _argmax(self) -> int:
+        import numpy as np
+
+        # Without logits_all, llama-cpp-python 0.3 keeps no scores; read the context's last logits directly.
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(logits))
 
     def weight_bytes(self) -> int:
         return self.path.stat().st_size
