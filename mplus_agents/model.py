@@ -225,7 +225,8 @@ class MPlusLLM:
     def lexicon(self) -> Lexicon:
         """Word reconstruction table of this tokenizer, built on first use (the `hybrid` scorer's words)."""
         if self._lexicon is None:
-            self._lexicon = Lexicon.from_tokenizer(self.tokenizer)
+            vocab = self.model.get_input_embeddings().weight.shape[0]
+            self._lexicon = Lexicon.from_tokenizer(self.tokenizer, vocab_size=vocab)
         return self._lexicon
 
     def write(
