@@ -18,7 +18,15 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 Style = Literal["mplus", "memoryllm"]
-LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LORA_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+NOT_BACKBONE = ("memory", "bos_", "new_memory", "ltm", "initialized")
 ADAPTERS = ("default", "decoder_adapter")
 
 
@@ -40,9 +48,20 @@ class Published:
 
     def backbone_config(self) -> LlamaConfig:
         keep = (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rope_theta", "rope_scaling", "rms_norm_eps",
-            "bos_token_id", "eos_token_id", "tie_word_embeddings", "hidden_act",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "rope_theta",
+            "rope_scaling",
+            "rms_norm_eps",
+            "bos_token_id",
+            "eos_token_id",
+            "tie_word_embeddings",
+            "hidden_act",
         )
         return LlamaConfig(**{k: self.config[k] for k in keep if k in self.config})
 
@@ -51,8 +70,7 @@ class Published:
         model = LlamaForCausalLM(self.backbone_config()).eval()
         state = {}
         for name, t in self.raw.items():
-            if ".lora_" in name or name.startswith(("memory", "bos_", "new_memory", "ltm")) or "_proj.0" in name \
-                    or "_proj.2" in name:
+            if ".lora_" in name or name.startswith(NOT_BACKBONE) or name.endswith(("_proj.0.weight", "_proj.2.weight")):
                 continue
             state[name.replace(".base_layer.", ".")] = t.clone()
         if adapter is not None:
@@ -113,7 +131,10 @@ def write_published(
         add_decoder_lora=True,
         drop_memory_per_layer=True,
         lora_config={
-            "inference_mode": False, "r": r, "lora_alpha": alpha, "lora_dropout": 0.1,
+            "inference_mode": False,
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.1,
             "target_modules": ["q_proj", "v_proj", "k_proj", "up_proj", "down_proj", "gate_proj"],
         },
     )
@@ -121,7 +142,10 @@ def write_published(
         cfg.update(
             rope_theta=500000.0,
             rope_scaling={
-                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 128,
             },
             num_blocks=6,
@@ -149,8 +173,11 @@ def write_published(
         )
         pool = 5 * num_tokens
 
-    backbone = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k in LlamaConfig().to_dict()
-                                               or k in ("rope_theta", "rope_scaling")}))
+    backbone = LlamaForCausalLM(
+        LlamaConfig(
+            **{k: v for k, v in cfg.items() if k in LlamaConfig().to_dict() or k in ("rope_theta", "rope_scaling")}
+        )
+    )
     raw: dict[str, torch.Tensor] = {}
     wrapped = {f"model.layers.{i}.{t}.weight" for i in range(layers) for t in LORA_TARGETS}
     for name, t in backbone.state_dict().items():
@@ -169,7 +196,8 @@ def write_published(
     if style == "mplus":
         for i in range(layers):
             for kind in ("query_proj", "key_proj", "encoder_query_proj"):
-                raw[f"model.layers.{i}.self_attn.{kind}.0.weight"] = torch.randn(2 * selector_dim, hidden, generator=gen)
+                stem = f"model.layers.{i}.self_attn.{kind}"
+                raw[f"{stem}.0.weight"] = torch.randn(2 * selector_dim, hidden, generator=gen)
                 raw[f"model.layers.{i}.self_attn.{kind}.2.weight"] = (
                     torch.randn(selector_dim, 2 * selector_dim, generator=gen) * 0.3
                 )
@@ -190,8 +218,10 @@ def write_published(
             file = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
             save_file({n: raw[n] for n in part}, str(path / file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(part, file))
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in raw.values())},
-                 "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in raw.values())},
+            "weight_map": weight_map,
+        }
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
     else:
         save_file(raw, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -49,8 +49,17 @@ MPLUS_KEYS = (
 """Config keys of the release that are not backbone fields (SPEC 6.1); they never reach the HF config."""
 MARKER_KEYS = ("num_tokens", "num_blocks", OUR_KEY)
 """A config.json holding any of these is an M+ checkpoint, not a plain Hugging Face model directory."""
-NOT_BACKBONE = (*MPLUS_KEYS, "architectures", "auto_map", "torch_dtype", "dtype", "_attn_implementation",
-                "attn_implementation", "_name_or_path", "transformers_version")
+NOT_BACKBONE = (
+    *MPLUS_KEYS,
+    "architectures",
+    "auto_map",
+    "torch_dtype",
+    "dtype",
+    "_attn_implementation",
+    "attn_implementation",
+    "_name_or_path",
+    "transformers_version",
+)
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROJECTORS = ("query_proj", "key_proj", "encoder_query_proj")

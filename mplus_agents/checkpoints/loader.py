@@ -120,9 +120,7 @@ class ShippedMemory:
         if like.rf is not None:
             store.rf = torch.zeros(layers, count, dtype=torch.float32)
         dev = like.k.device
-        return store.to(dtype=like.k.dtype, device=dev).with_fields(
-            age=store.age.to(dev), block=store.block.to(dev)
-        )
+        return store.to(dtype=like.k.dtype, device=dev).with_fields(age=store.age.to(dev), block=store.block.to(dev))
 
 
 def _null() -> Any:
@@ -191,8 +189,13 @@ def read_info(cfg: dict[str, Any], names: Names) -> CheckpointInfo:
         else:  # MemoryLLM-8B: STM only; dropped tokens are discarded (a long-term store that holds nothing)
             pool = _int(cfg, "num_memory_tokens", k * blocks)
             mc = MemoryConfig.mplus(
-                pool_size=pool, retrieve_tokens=0, tokens_per_chunk=k, scorer=scorer,
-                ltm_merge_every=1, ltm_decay=0.0, ltm_max_tokens=0,
+                pool_size=pool,
+                retrieve_tokens=0,
+                tokens_per_chunk=k,
+                scorer=scorer,
+                ltm_merge_every=1,
+                ltm_decay=0.0,
+                ltm_max_tokens=0,
             )
     except ValueError as err:
         raise CheckpointError(f"config.json: the M+ keys give an invalid memory config: {err}") from err
@@ -502,24 +505,24 @@ def _check_memory(
     kinds = (*required, "ltm_keys") if has_keys else required
     for layer in range(layers):
         for kind in kinds:
-            name = names.ltm.get((kind, layer))
-            if name is None:
+            found = names.ltm.get((kind, layer))
+            if found is None:
                 problems.missing.append(f"{kind}.{layer}")
                 continue
-            shape = shape_of[name]
+            shape = shape_of[found]
             if kind == "ltm":
                 if len(shape) != 2 or shape[1] != hidden:
-                    problems.shapes.append(f"{name} {shape}, expected (M, {hidden})")
+                    problems.shapes.append(f"{found} {shape}, expected (M, {hidden})")
                 else:
                     sizes.add(shape[0])
             elif kind == "ltm_keys":
                 width = retriever[2] if retriever is not None else None
                 if retriever is None:
-                    problems.contradictions.append(f"{name} is shipped but there is no key_proj to score against it")
+                    problems.contradictions.append(f"{found} is shipped but there is no key_proj to score against it")
                 elif len(shape) != 2 or shape[1] != width:
-                    problems.shapes.append(f"{name} {shape}, expected (M, {width})")
+                    problems.shapes.append(f"{found} {shape}, expected (M, {width})")
             elif len(shape) != 1:
-                problems.shapes.append(f"{name} {shape}, expected (M,)")
+                problems.shapes.append(f"{found} {shape}, expected (M,)")
     problems.unexpected.extend(n for (_, layer), n in names.ltm.items() if layer >= layers)
     if len(sizes) > 1:
         problems.shapes.append(f"ltm.* hold different sizes per layer {sorted(sizes)}; every layer must hold the same")
