@@ -325,9 +325,9 @@ def load_checkpoint(
     problems.raise_if_any(path)
 
     # Everything fits: read the tensors (floating weights in the target dtype; ages and counters untouched).
-    tensors = _read(files, names, dtype)
+    tensors = _read(files, names, dtype, device)
     backbone = {stock: tensors[name] for stock, name in names.backbone.items() if stock in expected}
-    model.load_state_dict({k: t.to(device) for k, t in backbone.items()}, strict=False, assign=True)
+    model.load_state_dict(backbone, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     _fresh_rotary(model, device, dtype if info.published else None)
@@ -344,31 +344,31 @@ def load_checkpoint(
             adapters.add(
                 adapter,
                 target,
-                tensors[names.lora[(target, adapter, "A")]].to(device),
-                tensors[names.lora[(target, adapter, "B")]].to(device),
+                tensors[names.lora[(target, adapter, "A")]],
+                tensors[names.lora[(target, adapter, "B")]],
             )
         adapters.attach(model)
 
     retriever = None
     if retriever_dims is not None:
         q_in, k_in, dim, encoder = retriever_dims
-        retriever = Retriever(layers, q_in, k_in, dim, key_input=info.key_input, encoder=encoder)  # type: ignore[arg-type]
+        with torch.device("meta"):  # no random init of weights about to be replaced (214M parameters at 8B)
+            retriever = Retriever(layers, q_in, k_in, dim, key_input=info.key_input, encoder=encoder)  # type: ignore[arg-type]
         state = {f"{proj}.{layer}.{idx}.weight": tensors[name] for (proj, layer, idx), name in names.projectors.items()}
-        retriever.load_state_dict(state, strict=True)
-        retriever = retriever.to(device=device, dtype=dtype).eval()
+        retriever.load_state_dict(state, strict=True, assign=True)
+        retriever.eval()
 
     bos = tensors.get("bos_embedding")
     e_new = tensors.get("new_memory_positional_emb")
     weights = MPlusWeights(
-        bos=bos.to(device) if bos is not None else None,
-        new_memory_emb=e_new.reshape(-1).to(device) if e_new is not None else None,
+        bos=bos,
+        new_memory_emb=e_new.reshape(-1) if e_new is not None else None,
         retriever=retriever,
         adapters=adapters,
     )
     if tokenizer is None:
         tokenizer = _tokenizer(path)
-    llm = MPlusLLM(model, tokenizer, config or info.memory_config, weights=weights, name=info.base_model or path.name)
-    llm.name = path.name
+    llm = MPlusLLM(model, tokenizer, config or info.memory_config, weights=weights, name=path.name)
     llm.checkpoint = info
     if "memory" in tensors:
         llm.initial_memory = _shipped(info, tensors, names, layers)
@@ -532,9 +532,10 @@ def _check_memory(
             problems.shapes.append(f"{name} has {shape_of[name][0]} rows, ltm.{layer} has {rows}")
 
 
-def _read(files: dict[str, Path], names: Names, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor, on the CPU: floating weights in `dtype`; LTM ages / recall counters and the memory
-    vectors exactly as stored (converted later, and never through a lower precision)."""
+def _read(files: dict[str, Path], names: Names, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor: weights in `dtype` on `device`, one at a time (an 8B model never sits in CPU RAM twice);
+    the shipped memory on the CPU exactly as stored (converted per memory config later, ages and recall
+    counters never through a lower precision)."""
     from safetensors import safe_open
 
     keep_as_stored = {"memory", *names.ltm.values()}
@@ -547,8 +548,8 @@ def _read(files: dict[str, Path], names: Names, dtype: torch.dtype) -> dict[str,
         with safe_open(str(file), framework="pt") as f:
             for name in wanted:
                 t = f.get_tensor(name)
-                if name not in keep_as_stored and t.is_floating_point():
-                    t = t.to(dtype)
+                if name not in keep_as_stored:
+                    t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                 out[name] = t
     return out
 
