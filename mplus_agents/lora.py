@@ -66,7 +66,35 @@ class LoRA(nn.Module):
     def adapters(self) -> list[str]:
         return list(self.lora_A.keys())
 
-    def add(self, adapter: str, target: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        r: int = 16,
+        alpha: float = 32.0,
+        *,
+        targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"),
+        adapters: tuple[str, ...] = (UPDATE, GENERATE),
+        seed: int = 0,
+    ) -> LoRA:
+        """Fresh trainable adapters on every linear whose name ends in one of `targets` (M+'s set by
+        default), initialised as PEFT does (A Kaiming-uniform, B zero: the model starts unchanged), attached."""
+        lora = cls(r, alpha, generate=GENERATE if GENERATE in adapters else adapters[0])
+        gen = torch.Generator().manual_seed(seed)
+        for path, module in model.named_modules():
+            if isinstance(module, nn.Linear) and path.rsplit(".", 1)[-1] in targets:
+                w = module.weight
+                bound = 1.0 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+                for adapter in adapters:
+                    a = (torch.rand(r, module.in_features, generator=gen) * 2 - 1) * bound
+                    b = torch.zeros(module.out_features, r)
+                    lora.add(adapter, path, a.to(w.device, w.dtype), b.to(w.device, w.dtype), trainable=True)
+        if not lora.targets:
+            raise ValueError(f"no Linear named {targets} in {type(model).__name__}")
+        lora.attach(model)
+        return lora
+
+    def add(self, adapter: str, target: str, a: torch.Tensor, b: torch.Tensor, *, trainable: bool = False) -> None:
         """Register one adapter's A [r, in] and B [out, r] for the linear at module path `target`."""
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != self.r or b.shape[1] != self.r:
             raise ValueError(
@@ -76,7 +104,7 @@ class LoRA(nn.Module):
             if adapter not in table:
                 table[adapter] = nn.ParameterDict()
             params: Any = table[adapter]
-            params[_key(target)] = nn.Parameter(value, requires_grad=False)
+            params[_key(target)] = nn.Parameter(value, requires_grad=trainable)
         if target not in self.targets:
             self.targets.append(target)
 

@@ -464,3 +464,36 @@ def test_writer_refuses_what_the_layout_cannot_hold(tmp_path: Path, mplus: Publi
         save_checkpoint(tmp_path / "c", llm, save_tokenizer=False)
     save_checkpoint(tmp_path / "c", llm, save_tokenizer=False, overwrite=True)
     assert is_checkpoint(tmp_path / "c")
+
+
+def test_fresh_lora_starts_as_the_base_model_trains_and_round_trips(tmp_path: Path) -> None:
+    model = tiny_llama()
+    ids = torch.tensor([[5, 9, 11, 4, 30]])
+    with torch.no_grad():
+        base = model(ids).logits
+    lora = LoRA.create(model, r=2, alpha=4.0)
+    assert len(lora.targets) == 3 * 6 and lora.adapters == ["default", "decoder_adapter"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base)  # B = 0: unchanged until trained
+    model(ids).logits.sum().backward()
+    b = lora.weights("decoder_adapter", "model.layers.0.self_attn.q_proj")
+    assert b is not None and b[1].grad is not None and float(b[1].grad.abs().sum()) > 0
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    cfg = MemoryConfig.mplus(pool_size=16, tokens_per_chunk=K, retrieve_tokens=8, chunk_size=24, min_chunk=3)
+    from mplus_agents.engine import MPlusWeights
+
+    llm = MPlusLLM(model, CharTokenizer(), cfg, weights=MPlusWeights(adapters=lora))
+    out = save_checkpoint(tmp_path / "lora", llm, save_tokenizer=False)
+    back = load(out)
+    assert back.engine.weights.adapters is not None and back.engine.weights.adapters.scale == 2.0
+    states = []
+    for m in (llm, back):
+        state = m.empty_state(cfg)
+        for i, n in enumerate([20, 7, 18]):
+            state = inject(m, state, ids_of(n, 60 + i))
+        states.append(state)
+    torch.testing.assert_close(states[0].pool.hidden, states[1].pool.hidden, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)

@@ -61,7 +61,6 @@ NOT_BACKBONE = (
     "transformers_version",
 )
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROJECTORS = ("query_proj", "key_proj", "encoder_query_proj")
 IGNORED = ("initialized",)
 
