@@ -46,6 +46,11 @@ class Published:
     def num_tokens(self) -> int:
         return int(self.config["num_tokens"])
 
+    @property
+    def generation_adapter(self) -> str:
+        """`decoder_adapter` when shipped; a single-adapter checkpoint generates with `default` too."""
+        return "decoder_adapter" if any(".decoder_adapter." in name for name in self.raw) else "default"
+
     def backbone_config(self) -> LlamaConfig:
         keep = (
             "vocab_size",
@@ -104,7 +109,7 @@ def write_published(
     selector_dim: int = 8,
     r: int = 4,
     alpha: float = 8.0,
-    tokenizer_dir: Path | None = None,
+    adapters: tuple[str, ...] = ADAPTERS,
 ) -> Published:
     """Write a tiny random mplus-8b style (STM + LTM + retriever, llama3 rope) or MemoryLLM-8B style (STM only,
     linear RoPE scaling 1.8125) checkpoint into `path`."""
@@ -128,7 +133,7 @@ def write_published(
         torch_dtype="float32",
         num_tokens=num_tokens,
         add_bos_embedding=True,
-        add_decoder_lora=True,
+        add_decoder_lora="decoder_adapter" in adapters,
         drop_memory_per_layer=True,
         lora_config={
             "inference_mode": False,
@@ -185,7 +190,7 @@ def write_published(
     for i in range(layers):
         for target in LORA_TARGETS:
             module = backbone.get_submodule(f"model.layers.{i}.{target}")
-            for adapter in ADAPTERS:
+            for adapter in adapters:
                 stem = f"model.layers.{i}.{target}"
                 raw[f"{stem}.lora_A.{adapter}.weight"] = torch.randn(r, module.in_features, generator=gen) * 0.1
                 raw[f"{stem}.lora_B.{adapter}.weight"] = torch.randn(module.out_features, r, generator=gen) * 0.1

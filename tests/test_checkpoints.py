@@ -64,7 +64,7 @@ def memoryllm(tmp_path_factory: pytest.TempPathFactory) -> Published:
 def check_injections(pub: Published, llm: MPlusLLM, state: MemoryState, lengths: list[int]) -> MemoryState:
     """Every chunk's new memory equals the reference under the update adapter; stored K/V are the generation
     adapter's."""
-    upd, gen = pub.merged_model("default"), pub.merged_model("decoder_adapter")
+    upd, gen = pub.merged_model("default"), pub.merged_model(pub.generation_adapter)
     bos, e_new = pub.raw["bos_embedding"], pub.raw["new_memory_positional_emb"].reshape(-1)
     for i, length in enumerate(lengths):
         chunk = ids_of(length, 100 + i)
@@ -74,7 +74,8 @@ def check_injections(pub: Published, llm: MPlusLLM, state: MemoryState, lengths:
         with torch.no_grad():
             want = reference_injection(upd, bos, e_new, before.pool.hidden, chunk, K)
             wrong = reference_injection(gen, bos, e_new, before.pool.hidden, chunk, K)
-        assert rel_err(wrong, want) > 100 * TOL  # the adapters differ enough for a mix-up to show
+        if pub.generation_adapter != "default":
+            assert rel_err(wrong, want) > 100 * TOL  # the adapters differ enough for a mix-up to show
         assert state.pool.hidden is not None
         assert rel_err(state.pool.hidden[:, -K:], want) < TOL, length
         for layer in range(pub.layers):
@@ -120,7 +121,7 @@ def frozen_prefix(pub: Published, gen: Any, state: MemoryState, query_index: tor
 
 
 def check_generation(pub: Published, llm: MPlusLLM, state: MemoryState, steps: int = 4) -> None:
-    gen = pub.merged_model("decoder_adapter")
+    gen = pub.merged_model(pub.generation_adapter)
     prompt = ids_of(9, 7)
     query_index = torch.arange(2, 8)
     prefix_of = frozen_prefix(pub, gen, state, query_index)
@@ -158,7 +159,7 @@ def test_mplus_style_loads_and_equals_reference(mplus: Published) -> None:
     assert llm.checkpoint is not None and llm.checkpoint.published
 
     state = llm.new_memory().state  # starts from the shipped memory
-    gen = mplus.merged_model("decoder_adapter")
+    gen = mplus.merged_model(mplus.generation_adapter)
     assert state.ltm.score_key is not None and state.ltm.rf is not None
     for layer in range(mplus.layers):
         with torch.no_grad():
@@ -497,3 +498,18 @@ def test_fresh_lora_starts_as_the_base_model_trains_and_round_trips(tmp_path: Pa
     torch.testing.assert_close(states[0].pool.hidden, states[1].pool.hidden, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(back.model(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_single_adapter_checkpoint_generates_with_it_and_config_can_be_overridden(tmp_path: Path) -> None:
+    """add_decoder_lora=false: the one `default` adapter serves injection and generation alike."""
+    pub = write_published(tmp_path / "one", "memoryllm", adapters=("default",), seed=3)
+    assert pub.generation_adapter == "default"
+    llm = load(pub.path)
+    assert llm.engine.weights.adapters is not None and llm.engine.weights.adapters.adapters == ["default"]
+    state = check_injections(pub, llm, llm.new_memory().state, [18, 3, 9])
+    check_generation(pub, llm, state)
+    wider = llm.config.replace(pool_size=32)
+    other = load(pub.path, config=wider)
+    assert other.config == wider and len(other.new_memory().state.pool) == 20  # the shipped 20 rows, room for 32
+    with pytest.raises(InvalidInputError, match="more than pool_size=12"):
+        load(pub.path, config=llm.config.replace(pool_size=12)).new_memory()
