@@ -21,6 +21,7 @@ from mplus_agents.engine import Engine, MPlusWeights, ReadInfo, Sink
 from mplus_agents.errors import InvalidInputError, MemoryMismatchError, ModelNotFoundError, PromptTooLongError
 from mplus_agents.framing import Frame
 from mplus_agents.generation import DecodeResult, SamplingConfig, stream_text
+from mplus_agents.lexical import Lexicon
 from mplus_agents.memory import LatentMemory, Progress
 from mplus_agents.state import MemoryState, TokenStore
 
@@ -86,6 +87,7 @@ class MPlusLLM:
         """`checkpoints.ShippedMemory` of a checkpoint that ships a memory: what new memories start from."""
         self.checkpoint: Any = None
         """`checkpoints.CheckpointInfo` when loaded from an M+ checkpoint directory."""
+        self._lexicon: Lexicon | None = None
         self._memories: dict[str, LatentMemory] = {}
         self._memories_lock = threading.Lock()
         self.hook_lock = threading.RLock()
@@ -207,6 +209,7 @@ class MPlusLLM:
                 hidden_size=hidden,
                 score_dim=score_dim,
                 with_rf=rf,
+                with_words=config.scorer == "hybrid",
             )
 
         return MemoryState(
@@ -238,6 +241,13 @@ class MPlusLLM:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def lexicon(self) -> Lexicon:
+        """Word reconstruction table of this tokenizer, built on first use (the `hybrid` scorer's words)."""
+        if self._lexicon is None:
+            self._lexicon = Lexicon.from_tokenizer(self.tokenizer)
+        return self._lexicon
+
     def write(
         self, state: MemoryState, ids: list[int], *, progress: Progress | None = None
     ) -> tuple[list[int], MemoryState]:
@@ -259,7 +269,8 @@ class MPlusLLM:
             chunk_ids = torch.tensor(chunk, dtype=torch.long)
             with self.hook_lock:
                 if cfg.source == "input":
-                    new = self.engine.inject_input(new, sink, chunk_ids)
+                    words = self.lexicon.word_ids(chunk) if cfg.scorer == "hybrid" else None
+                    new = self.engine.inject_input(new, sink, chunk_ids, words)
                 else:
                     new = self.engine.inject_output(new, sink, chunk_ids)
             done += len(chunk)
@@ -318,7 +329,10 @@ class MPlusLLM:
         with self.hook_lock, torch.no_grad():
             self.check_fits(state, prompt, sampling.max_new_tokens)
             sink = self.sink(state.config)
-            logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index)
+            query_words = None
+            if state.config.scorer == "hybrid":
+                query_words = self.lexicon.word_ids(prompt.ids[prompt.query_index].tolist())
+            logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index, query_words)
         result = DecodeResult()
         position = [pos]
 

@@ -119,6 +119,8 @@ class ShippedMemory:
             store.score_key = score
         if like.rf is not None:
             store.rf = torch.zeros(layers, count, dtype=torch.float32)
+        if like.word is not None:  # no words are known for shipped vectors
+            store.word = torch.zeros(layers, count, dtype=torch.int64)
         dev = like.k.device
         return store.to(dtype=like.k.dtype, device=dev).with_fields(age=store.age.to(dev), block=store.block.to(dev))
 
