@@ -513,3 +513,17 @@ def test_single_adapter_checkpoint_generates_with_it_and_config_can_be_overridde
     assert other.config == wider and len(other.new_memory().state.pool) == 20  # the shipped 20 rows, room for 32
     with pytest.raises(InvalidInputError, match="more than pool_size=12"):
         load(pub.path, config=llm.config.replace(pool_size=12)).new_memory()
+
+
+def test_missing_ltm_keys_are_computed_by_the_key_projector(broken: Published) -> None:
+    """SPEC 4.5: `ltm_keys` absent -> f_k(RMSNorm_l(ltm)), as the release computes them lazily."""
+    raw = {k: v for k, v in broken.raw.items() if not k.startswith("ltm_keys.")}
+    rewrite(broken, raw)
+    llm = load(broken.path)
+    state = llm.new_memory().state
+    assert state.ltm.score_key is not None
+    for layer in range(broken.layers):
+        norm = llm.model.model.layers[layer].input_layernorm
+        with torch.no_grad():
+            want = broken.projector("key_proj", layer, rms_norm(broken.raw[f"ltm.{layer}"], norm))
+        assert rel_err(state.ltm.score_key[layer], want) < TOL
