@@ -181,7 +181,8 @@ class LatentMemory:
         return InjectReport(tokens=len(ids), chunks=state.injections - before)
 
     def reset(self) -> None:
-        """Empty the memory. Store-backed: the next `save()` deletes the saved history too."""
+        """Return to the initial state: empty, or the memory the model's checkpoint ships. Store-backed: the next
+        `save()` deletes the saved history too."""
         with self._lock:
             self._state = self.llm.initial_state(self.config)
             self.pending = []
