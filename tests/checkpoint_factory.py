@@ -209,7 +209,8 @@ def write_published(
             raw[f"ltm.{i}"] = torch.randn(ltm_size, hidden, generator=gen)
             raw[f"ltm_keys.{i}"] = torch.randn(ltm_size, selector_dim, generator=gen)
             # Ages above 256 that bf16 cannot hold exactly (4097 -> 4096), and non-integral recall counters.
-            raw[f"ltm_ages.{i}"] = 4097 + 3 * torch.randperm(ltm_size, generator=gen).to(torch.int64)
+            # The release keeps ages in float32 Parameters; float32 holds these exactly, bf16 would not.
+            raw[f"ltm_ages.{i}"] = (4097 + 3 * torch.randperm(ltm_size, generator=gen)).to(torch.float32)
             raw[f"ltm_recall_frequencies.{i}"] = 9.0 + torch.rand(ltm_size, generator=gen, dtype=torch.float32) / 3
     raw = {k: v.contiguous() for k, v in raw.items()}
 

@@ -167,7 +167,7 @@ def test_mplus_style_loads_and_equals_reference(mplus: Published) -> None:
             lk, _ = reference_kv(gen, layer, mplus.raw[f"ltm.{layer}"])
         assert rel_err(state.pool.k[layer], k) < TOL and rel_err(state.pool.v[layer], v) < TOL
         assert rel_err(state.ltm.k[layer], lk) < TOL
-        assert torch.equal(state.ltm.age[layer], mplus.raw[f"ltm_ages.{layer}"])
+        assert torch.equal(state.ltm.age[layer], mplus.raw[f"ltm_ages.{layer}"].to(torch.int64))
         assert torch.equal(state.ltm.rf[layer], mplus.raw[f"ltm_recall_frequencies.{layer}"])
         assert torch.equal(state.ltm.score_key[layer], mplus.raw[f"ltm_keys.{layer}"])
     assert torch.equal(state.pool.age, torch.zeros_like(state.pool.age))  # SPEC 4.2: STM ages start at 0
@@ -230,7 +230,7 @@ def test_ages_and_counters_never_pass_through_bf16(mplus: Published) -> None:
     assert state.pool.k.dtype == torch.bfloat16
     assert state.ltm.age.dtype == torch.int64 and state.ltm.rf is not None and state.ltm.rf.dtype == torch.float32
     for layer in range(mplus.layers):
-        ages = mplus.raw[f"ltm_ages.{layer}"]
+        ages = mplus.raw[f"ltm_ages.{layer}"].to(torch.int64)
         assert not torch.equal(ages.to(torch.bfloat16).to(torch.int64), ages)  # bf16 would round them
         assert torch.equal(state.ltm.age[layer], ages)
         assert torch.equal(state.ltm.rf[layer], mplus.raw[f"ltm_recall_frequencies.{layer}"])
