@@ -86,6 +86,16 @@ def max_standardized(logits: torch.Tensor) -> torch.Tensor:
     return ((logits - mean) / std).amax(dim=0)
 
 
+def max_z_scores(q: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """`max_z` over candidate keys split into parts ([n_i, kv_heads, head_dim] each), standardised over all.
+
+    Returns [sum n_i] float32. On CUDA with triton installed, a two-pass kernel without the [T, n] logits.
+    """
+    if parts and parts[0].is_cuda and (fused := dispatch.max_z_scores(q, parts)) is not None:
+        return fused
+    return max_standardized(torch.cat([head_mean_logits(q.to(k.device), k) for k in parts], 1))
+
+
 def projector_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """SPEC 4.5 with a trained retriever: mean_t sigmoid(f_q(x_t) . f_k(m_j)), no scaling.
 

@@ -93,12 +93,47 @@ def test_token_scores_match_reference(
 
 
 @needs_triton
-@pytest.mark.parametrize("scorer", ["sigmoid_mean", "max_logit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("t", "heads", "kv_heads", "head_dim", "sizes"),
+    [(5, 9, 3, 64, (100, 1, 70)), (1, 4, 4, 16, (2,)), (33, 6, 2, 40, (64, 0, 129)), (4, 8, 1, 32, (1,))],
+    ids=["smol-3parts", "two-candidates", "rows-beyond-a-step", "one-candidate"],
+)
+def test_max_z_over_parts_matches_reference(
+    kernels: SimpleNamespace,
+    t: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    sizes: tuple[int, ...],
+    dtype: torch.dtype,
+) -> None:
+    """Standardised over all parts' candidates at once (an empty part included); the keys share an offset, as
+    real keys do, so the logits' mean is far from zero."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((t, sizes, dtype)).encode()))
+    q = randn(t, heads, head_dim, gen=gen, scale=1.5)
+    offset = randn(1, kv_heads, head_dim, gen=gen, scale=3.0)
+    parts = [(layer_view(n, kv_heads, head_dim, gen, torch.float32) + offset).to(dtype) for n in sizes]
+    got = kernels.scoring.max_z_scores(q, parts)
+    assert got.shape == (sum(sizes),)
+    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 2e-2}
+    torch.testing.assert_close(got, reference.max_z_scores(q.to(dtype), parts), **tol)
+    torch.testing.assert_close(got, retrieval.max_z_scores(q, parts), **tol)
+    if len(parts) == 1:
+        torch.testing.assert_close(kernels.scoring.token_scores(q, parts[0], "max_z"), got)
+
+
+@needs_triton
+@pytest.mark.parametrize("scorer", ["sigmoid_mean", "max_logit", "max_z"])
 def test_score_top_k_returns_the_reference_best(kernels: SimpleNamespace, scorer: str) -> None:
     gen = torch.Generator().manual_seed(11)
     q = randn(6, 9, 64, gen=gen)
     k = layer_view(300, 3, 64, gen, torch.float32)
-    ref = (reference.sigmoid_mean_scores if scorer == "sigmoid_mean" else reference.max_logit_scores)(q, k)
+    ref = {
+        "sigmoid_mean": reference.sigmoid_mean_scores,
+        "max_logit": reference.max_logit_scores,
+        "max_z": lambda q, k: reference.max_z_scores(q, [k]),
+    }[scorer](q, k)
     values, index = kernels.scoring.score_top_k(q, k, scorer, 20)
     ref_values, _ = reference.top_k(ref, 20)
     torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
@@ -130,8 +165,8 @@ def test_scoring_edge_cases(kernels: SimpleNamespace) -> None:
     assert kernels.scoring.token_scores(q, torch.zeros(0, 2, 16), "sigmoid_mean").shape == (0,)
     assert kernels.scoring.token_scores(q[:0], randn(5, 2, 16, gen=gen), "max_logit").tolist() == [0.0] * 5
     assert kernels.scoring.projector_scores(randn(3, 8, gen=gen), torch.zeros(0, 8)).shape == (0,)
-    with pytest.raises(ValueError, match="max_z"):
-        kernels.scoring.token_scores(q, randn(5, 2, 16, gen=gen), "max_z")
+    with pytest.raises(ValueError, match="max_q"):
+        kernels.scoring.token_scores(q, randn(5, 2, 16, gen=gen), "max_q")
 
 
 # (batch, heads, kv heads, prompt T, prefix P, head_dim): T below and beyond the 32-query block, no prefix,
@@ -212,9 +247,11 @@ def test_dispatch_picks_torch_on_cpu_without_warning() -> None:
         warnings.simplefilter("error")
         assert dispatch.choose_backend(q, k) == "torch"
         assert dispatch.token_scores(q, k, "sigmoid_mean") is None
+        assert dispatch.max_z_scores(q, [k, k]) is None
         assert dispatch.projector_scores(randn(3, 8, gen=gen), randn(4, 8, gen=gen)) is None
         # retrieval.py's public functions keep their torch path on CPU.
         torch.testing.assert_close(retrieval.token_scores(q, k, "sigmoid_mean"), reference.sigmoid_mean_scores(q, k))
+        torch.testing.assert_close(retrieval.max_z_scores(q, [k[:5], k[5:]]), reference.max_z_scores(q, [k]))
 
 
 def test_dispatch_torch_attention_matches_reference_on_cpu() -> None:

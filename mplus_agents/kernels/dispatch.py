@@ -58,11 +58,20 @@ def backend_for(*, on_cuda: bool, installed: bool) -> Backend:
 
 def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor | None:
     """The fused kernel's retrieval.token_scores, or None when the caller should use torch."""
-    if scorer not in ("sigmoid_mean", "max_logit") or choose_backend(q, k) != "triton":
+    if scorer not in ("sigmoid_mean", "max_logit", "max_z") or choose_backend(q, k) != "triton":
         return None
     from mplus_agents.kernels import scoring
 
     return scoring.token_scores(q, k, scorer)
+
+
+def max_z_scores(q: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The two-pass kernel's max_z over candidates split into parts, or None when the caller should use torch."""
+    if not parts or choose_backend(q, *parts) != "triton":
+        return None
+    from mplus_agents.kernels import scoring
+
+    return scoring.max_z_scores(q, parts)
 
 
 def projector_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:

@@ -6,6 +6,7 @@ in float32 whatever the input dtype, which is also what the kernels do (bf16 inp
 
 - `sigmoid_mean_scores`: SPEC 4.5's long-term score over per-head pre-RoPE queries and keys (GQA).
 - `max_logit_scores`: the head-mean logit of the best-matching query token (retrieval.py's `max_logit`).
+- `max_z_scores`: the same logits standardised per query token over all candidates first (`max_z`).
 - `projector_sigmoid_mean`: SPEC 4.5 with a trained retriever's projections (retrieval.py's `projector_scores`).
 - `prefix_causal_attention`: attention of T prompt tokens over P memory-prefix keys plus themselves, causally.
 """
@@ -36,6 +37,19 @@ def sigmoid_mean_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def max_logit_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """score[j] = max over query tokens t of the mean over heads h of q[t,h].k[j,h//G] / sqrt(head_dim)."""
     return _logits(q, k).mean(dim=1).amax(dim=0)
+
+
+def max_z_scores(q: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Each query token's head-mean logits standardised over all candidates of all parts, best token kept.
+
+    z[t, j] = (l[t, j] - mean_j l[t, :]) / (std_j l[t, :] + 1e-6), unbiased std; score[j] = max_t z[t, j].
+    With fewer than two candidates there is no spread and the raw logit is kept. Returns [sum of n] float32.
+    """
+    logits = torch.cat([_logits(q, k).mean(dim=1) for k in parts], dim=1)  # [T, n]
+    if logits.shape[1] < 2:
+        return logits.amax(dim=0)
+    z = (logits - logits.mean(dim=1, keepdim=True)) / (logits.std(dim=1, keepdim=True) + 1e-6)
+    return z.amax(dim=0)
 
 
 def projector_sigmoid_mean(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

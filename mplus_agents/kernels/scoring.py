@@ -62,6 +62,8 @@ def _score_kernel(
     q_ptr,
     k_ptr,
     out_ptr,
+    shift_ptr,
+    inv_std_ptr,
     n,
     rows,
     dim,
@@ -73,6 +75,7 @@ def _score_kernel(
     scale,
     inv_count,
     MAX_MODE: tl.constexpr,
+    STANDARDIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -81,7 +84,8 @@ def _score_kernel(
     """q: [kv_heads, rows, dim] (row r of group g is one query head of one token); k: [n, kv_heads, dim].
 
     MAX_MODE=False: out[j] = inv_count * sum over g, r of sigmoid(scale * q[g,r].k[j,g]).
-    MAX_MODE=True:  out[j] = max over r of sum over g of q[g,r].k[j,g] (head mean and scale folded into q).
+    MAX_MODE=True:  out[j] = max over r of sum over g of q[g,r].k[j,g] (head mean and scale folded into q),
+    with STANDARDIZE each row's logit first becomes (logit - shift[r]) * inv_std[r] (the max_z scorer).
     """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -97,6 +101,10 @@ def _score_kernel(
                     q_ptr + g * stride_qg, k_ptr + g * stride_kg, offs_r, offs_n, mask_r, mask_n, dim,
                     stride_qr, stride_kn, BLOCK_R, BLOCK_N, BLOCK_D, PRECISION,
                 )  # fmt: skip
+            if STANDARDIZE:
+                shift = tl.load(shift_ptr + offs_r, mask=mask_r, other=0.0)
+                inv_std = tl.load(inv_std_ptr + offs_r, mask=mask_r, other=0.0)
+                logits = (logits - shift[:, None]) * inv_std[:, None]
             logits = tl.where(mask_r[:, None], logits, float("-inf"))
             result = tl.maximum(result, tl.max(logits, axis=0))
     else:
@@ -115,34 +123,104 @@ def _score_kernel(
     tl.store(out_ptr + offs_n, result, mask=mask_n)
 
 
+@triton.jit
+def _moments_kernel(
+    q_ptr,
+    k_ptr,
+    mean_ptr,
+    m2_ptr,
+    n,
+    rows,
+    dim,
+    kv_heads,
+    stride_qg,
+    stride_qr,
+    stride_kn,
+    stride_kg,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per tile of candidates and per query row r: mean and sum of squared deviations of the head-mean logits.
+
+    Written as [tiles, rows]; the caller merges tiles with Chan's formula, which stays exact where a running
+    sum of squares would cancel (logits can share a large offset across a million candidates).
+    """
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n
+    count = tl.minimum(n - pid * BLOCK_N, BLOCK_N).to(tl.float32)
+    for r0 in range(0, rows, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rows
+        logits = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for g in range(0, kv_heads):
+            logits += _tile_logits(
+                q_ptr + g * stride_qg, k_ptr + g * stride_kg, offs_r, offs_n, mask_r, mask_n, dim,
+                stride_qr, stride_kn, BLOCK_R, BLOCK_N, BLOCK_D, PRECISION,
+            )  # fmt: skip
+        mean = tl.sum(tl.where(mask_n[None, :], logits, 0.0), axis=1) / count
+        dev = tl.where(mask_n[None, :], logits - mean[:, None], 0.0)
+        tl.store(mean_ptr + pid * rows + offs_r, mean, mask=mask_r)
+        tl.store(m2_ptr + pid * rows + offs_r, tl.sum(dev * dev, axis=1), mask=mask_r)
+
+
 def _block(size: int, cap: int) -> int:
     """Power-of-two tile edge covering `size`, at least 16 (tl.dot's minimum) and at most `cap`."""
     return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
 
 
-def _launch(q3: torch.Tensor, k3: torch.Tensor, scale: float, inv_count: float, max_mode: bool) -> torch.Tensor:
-    """Run the kernel on q3 [kv_heads, rows, dim] and k3 [n, kv_heads, dim] (feature stride 1 for both)."""
+def _prepare(q3: torch.Tensor, k3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    """Unit feature strides (the kernels' only layout requirement) and the compile-time tile parameters."""
+    if k3.stride(2) != 1:
+        k3 = k3.contiguous()
+    meta: dict[str, object] = {
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_R": _block(q3.shape[1], MAX_BLOCK_R),
+        "BLOCK_D": _block(k3.shape[2], MAX_BLOCK_D),
+        "PRECISION": "ieee" if k3.dtype == torch.float32 else "tf32",
+    }
+    return q3.contiguous(), k3, meta
+
+
+def _launch(
+    q3: torch.Tensor,
+    k3: torch.Tensor,
+    scale: float,
+    inv_count: float,
+    max_mode: bool,
+    standardize: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run the score kernel on q3 [kv_heads, rows, dim] and k3 [n, kv_heads, dim]; [n] float32."""
     n, kv_heads, dim = k3.shape
-    rows = q3.shape[1]
     out = torch.empty(n, dtype=torch.float32, device=k3.device)
     if n == 0:
         return out
-    if k3.stride(2) != 1:
-        k3 = k3.contiguous()
-    q3 = q3.contiguous()
-    precision = "ieee" if k3.dtype == torch.float32 else "tf32"
-    grid = (triton.cdiv(n, BLOCK_N),)
-    _score_kernel[grid](
-        q3, k3, out, n, rows, dim, kv_heads, q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1),
-        scale, inv_count,
-        MAX_MODE=max_mode, BLOCK_N=BLOCK_N, BLOCK_R=_block(rows, MAX_BLOCK_R), BLOCK_D=_block(dim, MAX_BLOCK_D),
-        PRECISION=precision,
+    q3, k3, meta = _prepare(q3, k3)
+    shift, inv_std = standardize if standardize is not None else (out, out)  # unread unless STANDARDIZE
+    _score_kernel[(triton.cdiv(n, BLOCK_N),)](
+        q3, k3, out, shift, inv_std, n, q3.shape[1], dim, kv_heads,
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), scale, inv_count,
+        MAX_MODE=max_mode, STANDARDIZE=standardize is not None, **meta,
     )  # fmt: skip
     return out
 
 
+def _folded_query(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """[kv_heads, T, head_dim] in k's dtype: the scaled group-mean query per KV head.
+
+    The head mean is linear, so summing this query's dot products over KV heads gives the head-mean logit
+    with one query row per token instead of one per (token, head); retrieval.head_mean_logits folds it alike.
+    """
+    t, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q_bar = q.float().reshape(t, kv_heads, heads // kv_heads, head_dim).mean(dim=2) / (math.sqrt(head_dim) * kv_heads)
+    return q_bar.to(k.dtype).permute(1, 0, 2)
+
+
 def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
-    """Kernel version of retrieval.token_scores for the `sigmoid_mean` and `max_logit` scorers.
+    """Kernel version of retrieval.token_scores for the `sigmoid_mean`, `max_logit` and `max_z` scorers.
 
     q: [T, heads, head_dim]; k: [n, kv_heads, head_dim] (any strides with a unit feature stride, e.g. one
     layer of a [L, n, kv_heads, head_dim] store). Returns [n] float32.
@@ -151,18 +229,62 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
     n, kv_heads, _ = k.shape
     if n == 0 or t == 0:
         return torch.zeros(n, dtype=torch.float32, device=k.device)
-    groups = heads // kv_heads
     if scorer == "sigmoid_mean":
         # Rows of KV group g are (token, query head in the group) pairs: [kv_heads, T * groups, head_dim].
-        q3 = q.to(k.dtype).reshape(t, kv_heads, groups, head_dim).permute(1, 0, 2, 3).reshape(kv_heads, -1, head_dim)
-        return _launch(q3, k, 1.0 / math.sqrt(head_dim), 1.0 / (t * heads), max_mode=False)
+        q3 = q.to(k.dtype).reshape(t, kv_heads, heads // kv_heads, head_dim).permute(1, 0, 2, 3)
+        return _launch(q3.reshape(kv_heads, -1, head_dim), k, 1.0 / math.sqrt(head_dim), 1.0 / (t * heads), False)
     if scorer == "max_logit":
-        # The head mean is linear: fold it and the scale into one group-mean query per KV head, as
-        # retrieval.head_mean_logits does, so the kernel only sums over KV heads and takes the max over tokens.
-        q_bar = q.float().reshape(t, kv_heads, groups, head_dim).mean(dim=2) / (math.sqrt(head_dim) * kv_heads)
-        q3 = q_bar.to(k.dtype).permute(1, 0, 2)  # [kv_heads, T, head_dim]
-        return _launch(q3, k, 1.0, 1.0, max_mode=True)
-    raise ValueError(f"the scoring kernel has no scorer {scorer!r} (it fuses sigmoid_mean and max_logit)")
+        return _launch(_folded_query(q, k), k, 1.0, 1.0, max_mode=True)
+    if scorer == "max_z":
+        return max_z_scores(q, [k])
+    raise ValueError(f"the scoring kernel has no scorer {scorer!r}")
+
+
+def logit_moments(q: torch.Tensor, k: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(n, mean [T], M2 [T]) of each query token's head-mean logits over the n candidates (M2: summed squared
+    deviations), without materialising the [T, n] logits. Tiles are merged with Chan's parallel formula.
+    """
+    n = k.shape[0]
+    t = q.shape[0]
+    if n == 0:
+        zero = torch.zeros(t, dtype=torch.float32, device=k.device)
+        return 0, zero, zero.clone()
+    q3, k3, meta = _prepare(_folded_query(q, k), k)
+    tiles = triton.cdiv(n, BLOCK_N)
+    mean = torch.empty(tiles, t, dtype=torch.float32, device=k.device)
+    m2 = torch.empty_like(mean)
+    _moments_kernel[(tiles,)](
+        q3, k3, mean, m2, n, t, k3.shape[2], k3.shape[1],
+        q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), **meta,
+    )  # fmt: skip
+    counts = torch.full((tiles, 1), float(BLOCK_N), device=k.device)
+    counts[-1] = n - (tiles - 1) * BLOCK_N
+    return n, *merge_moments(counts, mean, m2)
+
+
+def merge_moments(counts: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan et al.: merge per-group (count [G, 1], mean [G, T], M2 [G, T]) into the whole set's (mean, M2)."""
+    total = counts.sum()
+    grand = (counts * mean).sum(dim=0) / total
+    return grand, m2.sum(dim=0) + (counts * (mean - grand) ** 2).sum(dim=0)
+
+
+def max_z_scores(q: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Kernel version of retrieval's max_z over candidates split into parts (the engine's LTM, staging, ...).
+
+    Each query token's head-mean logits are standardised over all parts' candidates together (unbiased std
+    plus 1e-6, as retrieval.max_standardized), then the best token counts: two passes over the keys, one for
+    the moments and one for the scores, instead of a [T, n] logit matrix. Returns [sum of n] float32.
+    """
+    total = sum(int(k.shape[0]) for k in parts)
+    if total < 2 or q.shape[0] == 0:
+        # One candidate has no spread: max_standardized then keeps the raw head-mean logit.
+        return torch.cat([token_scores(q, k, "max_logit") for k in parts]) if parts else torch.zeros(0)
+    moments = [logit_moments(q, k) for k in parts if k.shape[0]]
+    counts = torch.tensor([[float(c)] for c, _, _ in moments], device=parts[0].device)
+    mean, m2 = merge_moments(counts, torch.stack([m for _, m, _ in moments]), torch.stack([s for _, _, s in moments]))
+    inv_std = 1.0 / ((m2 / (total - 1)).sqrt() + 1e-6)
+    return torch.cat([_launch(_folded_query(q, k), k, 1.0, 1.0, True, (mean, inv_std)) for k in parts])
 
 
 def projector_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
