@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from mplus_agents import retrieval
 from mplus_agents.kernels import dispatch, reference
-from tests.conftest import tiny_llama
+from tests.conftest import CharTokenizer, tiny_llama
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None,
@@ -238,6 +238,34 @@ def test_registered_hf_attention_reproduces_sdpa_over_a_cached_prefix(kernels: S
         with pytest.raises(NotImplementedError, match="padding"):
             model(ids[:, :4], attention_mask=torch.tensor([[0, 1, 1, 1]], device=DEVICE))
         model.set_attn_implementation("sdpa")
+
+
+@needs_triton
+def test_engine_read_with_the_registered_attention_matches_sdpa(kernels: SimpleNamespace) -> None:
+    """The memory read end to end (long-term retrieval, prefix assembly, prompt over the prefix) on a tiny Llama:
+    the registered kernel gives sdpa's logits, and a greedy reply is the same."""
+    from mplus_agents import MemoryConfig, MPlusLLM
+    from mplus_agents.kernels import register_hf_attention
+
+    name = register_hf_attention()
+    cfg = MemoryConfig(pool_size=40, chunk_size=32, min_chunk=8, retrieve_tokens=16, block_size=4)
+    llm = MPlusLLM(tiny_llama().to(DEVICE), CharTokenizer(), cfg)
+    mem = llm.new_memory()
+    for i in range(5):
+        mem.inject(f"turn number {i} with some words about item {i * 7}")
+    assert mem.stats().long_term_tokens > 0
+    prompt = torch.tensor([3 + (b % 60) for b in b"which item was in turn 3?"], device=DEVICE)
+    outputs = {}
+    for impl in ("sdpa", name):
+        llm.model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits, _, _, read = llm.engine.read(mem.state, llm.sink(mem.config), prompt, torch.arange(len(prompt)))
+        outputs[impl] = (logits, read.retrieved_tokens, llm.chat("which item was in turn 3?", memory=mem,
+                                                                 max_new_tokens=6, temperature=0.0))
+    llm.model.set_attn_implementation("sdpa")
+    assert outputs[name][1] == outputs["sdpa"][1] > 0
+    torch.testing.assert_close(outputs[name][0], outputs["sdpa"][0], atol=1e-5, rtol=1e-5)
+    assert outputs[name][2] == outputs["sdpa"][2]
 
 
 def test_dispatch_picks_torch_on_cpu_without_warning() -> None:

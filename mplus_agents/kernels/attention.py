@@ -62,8 +62,8 @@ def _prefix_causal_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads
-    h = pid_bh % heads
+    b = (pid_bh // heads).to(tl.int64)  # int64 base offsets: batch * stride can pass 2**31 elements
+    h = (pid_bh % heads).to(tl.int64)
     kvh = h // groups
     prefix = s - t
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -50,8 +50,11 @@ def _tile_logits(
         q = tl.load(
             q_base + offs_r[:, None] * stride_qr + offs_d[None, :], mask=mask_r[:, None] & mask_d[None, :], other=0.0
         ).to(tl.float32)
+        # int64 row offsets: n * stride passes 2**31 elements at ~10M tokens of a wide model.
         k = tl.load(
-            k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
+            k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
         ).to(tl.float32)
         acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     return acc
