@@ -155,8 +155,9 @@ def hf_attention(
     """transformers AttentionInterface function: query [B, heads, T, hd], key/value [B, kv_heads, S, hd].
 
     Returns ([B, T, heads, hd], None) like the stock sdpa function. Registered with transformers' flash-attention
-    mask function, which passes attention_mask=None unless the batch has padding; padding, dropout, sliding
-    windows and soft-capping are not what this kernel computes, so they raise instead of returning wrong numbers.
+    mask function, which passes attention_mask=None unless the batch has padding. Padding, dropout, sliding
+    windows, soft-capping and non-causal layers are not what this kernel computes, so they raise rather than
+    return wrong numbers.
     """
     if attention_mask is not None:
         raise NotImplementedError(f"{ATTENTION_NAME} attention has no padding mask; use attn_implementation='sdpa'")
@@ -164,6 +165,8 @@ def hf_attention(
         raise NotImplementedError(f"{ATTENTION_NAME} attention is forward-only, without dropout")
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         raise NotImplementedError(f"{ATTENTION_NAME} attention has no sliding window or soft-capping")
+    if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
+        raise NotImplementedError(f"{ATTENTION_NAME} attention is causal (over a prefix); this layer is not")
     out = prefix_causal_attention(query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
