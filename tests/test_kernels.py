@@ -13,8 +13,12 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import os
+import subprocess
+import sys
 import warnings
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -32,6 +36,7 @@ needs_triton = pytest.mark.skipif(
 
 KERNEL_MODULES = ("mplus_agents.kernels.scoring", "mplus_agents.kernels.attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
 
 # bf16 inputs: the kernel widens them exactly and accumulates in fp32, while the references round differently
 # (retrieval.py rounds bf16 matmul outputs; max_logit rounds the folded query to bf16), so allow bf16 rounding.
@@ -266,6 +271,21 @@ def test_engine_read_with_the_registered_attention_matches_sdpa(kernels: SimpleN
     assert outputs[name][1] == outputs["sdpa"][1] > 0
     torch.testing.assert_close(outputs[name][0], outputs["sdpa"][0], atol=1e-5, rtol=1e-5)
     assert outputs[name][2] == outputs["sdpa"][2]
+
+
+@needs_triton
+def test_kernels_compile_for_nvidia_gpus_without_one(tmp_path: Path) -> None:
+    """The interpreter accepts code the compiler rejects, so compile every kernel for sm_86 and sm_90 as well
+    (triton ships ptxas), in a process where TRITON_INTERPRET is unset, and check the shared memory they need."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.kernels_compile"], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode == 77:
+        pytest.skip("this triton build has no NVIDIA backend to compile with")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("ok   sm_") == 20
 
 
 def test_dispatch_picks_torch_on_cpu_without_warning() -> None:

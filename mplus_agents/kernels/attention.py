@@ -109,6 +109,16 @@ def _prefix_causal_kernel(
     )
 
 
+def launch_meta(dim: int, dtype: torch.dtype) -> dict[str, object]:
+    """The compile-time tile parameters for head_dim `dim` and inputs of `dtype` (the whole head_dim in one tile)."""
+    return {
+        "BLOCK_M": BLOCK_M,
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_D": max(16, triton.next_power_of_2(dim)),
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+
+
 def prefix_causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -128,7 +138,6 @@ def prefix_causal_attention(
     if t == 0 or batch == 0:
         return out
     scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(t, BLOCK_M), batch * heads)
     _prefix_causal_kernel[grid](
         q, k, v, out,
@@ -137,7 +146,7 @@ def prefix_causal_attention(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         heads, heads // kv_heads, t, s, dim, scale,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(dim)), PRECISION=precision,
+        **launch_meta(dim, q.dtype),
     )  # fmt: skip
     return out
 

@@ -22,8 +22,10 @@ BLOCK_N = 64
 """Candidates per program."""
 MAX_BLOCK_R = 32
 """Query rows per inner step; T is small (a prompt's query tokens), so one or two steps cover it."""
-MAX_BLOCK_D = 128
-"""Feature chunk per dot product: head_dim fits in one chunk, a wide projector dimension takes several."""
+MAX_BLOCK_D = {torch.float32: 64}
+"""Feature chunk per dot product for float32 keys (128 for 16-bit ones): a 16-bit head_dim fits in one chunk, a
+wide projector dimension takes several. IEEE float32 dot products stage their tiles in shared memory, and a
+128-wide chunk would need 96 KB of it on sm_80/86, near the 99 KB that sm_86 allows (tests/kernels_compile.py)."""
 
 
 @triton.jit
@@ -174,17 +176,21 @@ def _block(size: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(size, 1))))
 
 
+def launch_meta(rows: int, dim: int, dtype: torch.dtype) -> dict[str, object]:
+    """The compile-time tile parameters for `rows` query rows, `dim` features and keys of `dtype`."""
+    return {
+        "BLOCK_N": BLOCK_N,
+        "BLOCK_R": _block(rows, MAX_BLOCK_R),
+        "BLOCK_D": _block(dim, MAX_BLOCK_D.get(dtype, 128)),
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+
+
 def _prepare(q3: torch.Tensor, k3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
     """Unit feature strides (the kernels' only layout requirement) and the compile-time tile parameters."""
     if k3.stride(2) != 1:
         k3 = k3.contiguous()
-    meta: dict[str, object] = {
-        "BLOCK_N": BLOCK_N,
-        "BLOCK_R": _block(q3.shape[1], MAX_BLOCK_R),
-        "BLOCK_D": _block(k3.shape[2], MAX_BLOCK_D),
-        "PRECISION": "ieee" if k3.dtype == torch.float32 else "tf32",
-    }
-    return q3.contiguous(), k3, meta
+    return q3.contiguous(), k3, launch_meta(q3.shape[1], k3.shape[2], k3.dtype)
 
 
 def _launch(
