@@ -3,8 +3,8 @@
 Kernels run only on CUDA tensors with triton installed. CPU tensors always take torch, silently: that is the
 intended CPU path, not a fallback (triton on CPU only runs under TRITON_INTERPRET=1, thousands of times
 slower; MEASURED.md). CUDA tensors without triton take torch too, and that one case warns once per process,
-because installing the `triton` extra would make retrieval faster. Setting MPLUS_KERNELS=torch forces the
-torch path everywhere (for comparisons and debugging).
+because the user asked for a GPU and installing the `triton` extra would give them the fused kernels.
+Setting MPLUS_KERNELS=torch forces the torch path everywhere (for comparisons and debugging).
 
 The functions return None when the caller should run its own torch path, so retrieval.py keeps its
 reference code in one place and only asks here first.
@@ -48,8 +48,8 @@ def backend_for(*, on_cuda: bool, installed: bool) -> Backend:
     if not _warned:
         _warned = True
         warnings.warn(
-            "mplus_agents: tensors are on CUDA but triton is not installed, so long-term scoring runs the "
-            "slower torch path; install the extra with `pip install 'mplus-agents[triton]'`.",
+            "mplus_agents: tensors are on CUDA but triton is not installed, so long-term scoring runs torch "
+            "instead of the fused Triton kernels; install them with `pip install 'mplus-agents[triton]'`.",
             RuntimeWarning,
             stacklevel=4,
         )

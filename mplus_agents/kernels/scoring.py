@@ -2,9 +2,10 @@
 
 One program scores a tile of BLOCK_N candidate keys against all query rows: the q.k products, the sigmoid and
 the mean over query tokens and heads (or the max over query tokens of the head-mean logit) happen in registers,
-so the [T, heads, n] logits never reach memory and each key is read once per KV head. Importing this module
-imports triton; the dispatcher (dispatch.py) only does so when the tensors are on CUDA, and the tests do it
-under TRITON_INTERPRET=1 on CPU.
+so the [T, heads, n] logits never reach memory; a key tile is loaded once per step of BLOCK_R query rows (one
+step for max_logit/max_z up to 32 query tokens; sigmoid_mean has T * heads/kv_heads rows per KV head).
+Importing this module imports triton; the dispatcher (dispatch.py) only does so when the tensors are on CUDA,
+and the tests do it under TRITON_INTERPRET=1 on CPU.
 
 Inputs are widened to float32 on load. For bf16/fp16 inputs the products then run as TF32 on tensor cores,
 which is exact for them (TF32 holds their mantissas); float32 inputs use IEEE products so scores match torch.
