@@ -20,8 +20,12 @@ import math
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("mplus_agents.kernels needs triton: pip install 'mplus-agents[triton]'") from exc
 
 from mplus_agents.kernels.dispatch import ATTENTION_NAME
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("mplus_agents.kernels needs triton: pip install 'mplus-agents[triton]'") from exc
 
 BLOCK_N = 64
 """Candidates per program."""
