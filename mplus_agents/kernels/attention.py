@@ -8,7 +8,9 @@ reference.prefix_causal_attention.
 
 The kernel is a flash-attention-style forward: one program per (block of BLOCK_M queries, batch, head) streams
 key/value blocks with an online softmax, stopping at the last key its queries may see. Inputs are widened to
-float32 on load (TF32 products for bf16/fp16, exact for them; IEEE products for float32 inputs).
+float32 on load: with bf16/fp16 inputs the dot products run as TF32, exact for q.k (TF32 holds their
+mantissas) while the softmax weights are rounded to TF32 for the product with V (flash-attention rounds them
+to bf16); float32 inputs use IEEE products throughout.
 
 `hf_attention` adapts it to transformers' AttentionInterface; `register_hf_attention()` registers it under a
 new name (never overwriting a stock one) for models loaded with `attn_implementation=ATTENTION_NAME`.
