@@ -54,7 +54,7 @@ def _named_weights(llm: MPlusLLM) -> dict[str, torch.Tensor]:
     Two checkpoints can share a backbone and differ only in what M+ adds on top; a memory written under one
     must not be read under the other, so the additions are part of the fingerprint.
     """
-    out = dict(llm.model.named_parameters())
+    out: dict[str, torch.Tensor] = dict(llm.model.named_parameters())
     extra = llm.engine.weights
     for prefix, module in (("mplus.lora", extra.adapters), ("mplus.retriever", extra.retriever)):
         if module is not None:
