@@ -54,6 +54,15 @@ def fingerprint(model: nn.Module) -> tuple[tuple[int, int], ...]:
     return tuple((id(p), p._version) for p in model.parameters())
 
 
+def has_hooks(model: nn.Module) -> bool:
+    """Any forward (pre-)hook on the model's modules, or a global module hook."""
+    from torch.nn.modules import module as module_mod
+
+    if module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 class StaticCache:
     """Preallocated post-RoPE keys and values [L, kv_heads, capacity, head_dim]; `length` positions are filled.
 
@@ -118,7 +127,14 @@ class FastDecoder:
 
     @staticmethod
     def supports(arch: Arch) -> bool:
-        """True when every module this path bypasses is the stock one (no adapters, SiLU MLP, RMSNorm)."""
+        """True when every module this path bypasses is the stock one (SiLU MLP, RMSNorm) and nothing hooks it.
+
+        Hooks change what a module computes (LoRA adapters are forward hooks, `mplus_agents.lora`), and this
+        path never calls the modules, so any hook on the model means the stock path. Call it while no
+        temporary engine hooks are attached (under `MPlusLLM.hook_lock`): those would count too.
+        """
+        if has_hooks(arch.model):
+            return False
         cfg = arch.model.config
         if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
             return False

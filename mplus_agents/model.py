@@ -335,9 +335,9 @@ class MPlusLLM:
             if state.config.scorer == "hybrid":
                 query_words = self.lexicon.word_ids(prompt.ids[prompt.query_index].tolist())
             logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index, query_words)
+            fast = self.engine.fast() if sampling.max_new_tokens > 1 else None  # under the lock: see supports()
         result = DecodeResult()
         position = [pos]
-        fast = self.engine.fast() if sampling.max_new_tokens > 1 else None
         static = StaticCache.from_dynamic(fast, cache, sampling.max_new_tokens) if fast is not None else None
 
         def step(token: int) -> torch.Tensor:

@@ -204,3 +204,19 @@ def test_bf16_model_runs_in_its_dtype(make) -> None:
         got = fast.step(static, tok, len(prompt) + i)
         assert got.dtype == torch.bfloat16
         assert rel_err(got.float(), ref[i + 1].float()) < 3e-2
+
+
+def test_hooked_modules_fall_back_to_stock_path() -> None:
+    """A forward hook (how LoRA adapters attach) changes a module's output; the fast path must not skip it."""
+    llm = MPlusLLM(tiny_llama(seed=8), CharTokenizer())
+    assert llm.engine.fast() is not None
+    proj = llm.model.model.layers[2].mlp.up_proj
+    handle = proj.register_forward_hook(lambda _m, _a, out: out * 2)
+    try:
+        assert llm.engine.fast() is None
+        hooked = llm.chat("abc", max_new_tokens=12)
+    finally:
+        handle.remove()
+    assert llm.engine.fast() is not None
+    plain = llm.chat("abc", max_new_tokens=12)
+    assert hooked != plain  # the hook mattered, and the hooked reply came from the stock path
