@@ -18,6 +18,7 @@ Source = Literal["input", "output"]
 DropPolicy = Literal["random", "oldest"]
 Selection = Literal["shared", "per_layer"]
 Scorer = Literal["sigmoid_mean", "max_logit", "max_z"]
+LtmIndex = Literal["exact", "auto", "torch", "faiss", "faiss_ivf"]
 
 
 AUTO_SCORE_LAYERS = 5
@@ -79,6 +80,10 @@ class MemoryConfig:
     """Subtracted from every recall frequency at each merge; entries at or below 0.01 are evicted."""
     ltm_max_tokens: int | None = None
     """Hard cap per layer; the oldest entries are evicted beyond it. None: unbounded."""
+    ltm_index: LtmIndex = "exact"
+    """How `per_layer` reads search the long-term store (mplus_agents.index): `exact` scores every token;
+    `torch` and `faiss` shortlist per query token, rescore exactly and prove the answer equals `exact`'s;
+    `faiss_ivf` is approximate (faster, may miss); `auto` uses `torch` from `index.AUTO_MIN_TOKENS` tokens."""
     ltm_dtype: str | None = None
     """Storage dtype of the long-term store (`bfloat16` halves RAM); None: the model's dtype."""
     seed: int = 0
@@ -111,6 +116,8 @@ class MemoryConfig:
             raise ValueError(f"unknown memory source {self.source!r}")
         if self.ltm_decay < 0 or self.ltm_initial_rf <= 0:
             raise ValueError("ltm_decay must be >= 0 and ltm_initial_rf > 0")
+        if self.ltm_index not in ("exact", "auto", "torch", "faiss", "faiss_ivf"):
+            raise ValueError(f"unknown ltm_index {self.ltm_index!r}")
         if self.ltm_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"ltm_dtype must be float32, bfloat16 or float16, got {self.ltm_dtype!r}")
 

@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
+from mplus_agents.index import LayerCandidates, LTMIndex, make_index
 from mplus_agents.ops import KeyFn, add_to_pool
 from mplus_agents.retrieval import head_mean_logits, max_standardized, select_tokens, token_scores
 from mplus_agents.state import MemoryState, TokenStore
@@ -84,6 +85,7 @@ class Candidates:
     def __init__(self, state: MemoryState, extra: TokenStore | None = None) -> None:
         parts = (state.ltm, state.staging) if extra is None else (state.ltm, state.staging, extra)
         self.parts = [p for p in parts if len(p)]
+        self.index_kind = state.config.ltm_index if len(state.ltm) else "exact"  # only the merged store is indexed
         self.offsets = [0]
         for p in self.parts:
             self.offsets.append(self.offsets[-1] + len(p))
@@ -95,6 +97,11 @@ class Candidates:
         if scorer == "max_z":  # standardised over all candidates, so the parts' logits are joined first
             return max_standardized(torch.cat([head_mean_logits(q.to(p.k.device), p.k[layer]) for p in self.parts], 1))
         return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer) for p in self.parts])
+
+    def index(self, layer: int) -> LTMIndex:
+        """One layer's candidates behind `config.ltm_index` (mplus_agents.index)."""
+        keys = [p.k[layer] for p in self.parts]
+        return make_index(self.index_kind, LayerCandidates(keys, self.field("block", layer), self.field("age", layer)))
 
     def field(self, name: str, layer: int) -> torch.Tensor:
         return torch.cat([getattr(p, name)[layer] for p in self.parts])
@@ -368,8 +375,7 @@ class Engine:
 
         def pre(layer: int, hidden: torch.Tensor) -> None:
             q = self._queries(layer, hidden, query_index)
-            scores = cand.scores(layer, q, cfg.scorer)
-            index = select_tokens(scores, cand.field("block", layer), cand.field("age", layer), budget, exact=True)
+            index = cand.index(layer).select(q, cfg.scorer, budget, exact=True)
             kl = apply_rope(cand.gather("k", layer, index).to(device=device, dtype=dtype), cos, sin)
             vl = cand.gather("v", layer, index).to(device=device, dtype=dtype)
             cache_layer: Any = cache.layers[layer]

@@ -1,0 +1,287 @@
+"""Shortlist indexes: a nearest-neighbour search lists candidates, exact rescoring decides (issue 7, item 1).
+
+The long-term store is the first candidate part; it is what grows to a million tokens, so it alone gets a
+search structure (a backend). The staging cache and the older pool part are small and always listed whole.
+
+Backends, all answering "top-k' inner products per query vector":
+- `torch`: one GEMM + topk over the keys in place. Exact, nothing to maintain.
+- `faiss` (flat `IndexFlatIP`): exact; holds a copy of the keys; faiss-gpu moves it to CUDA.
+- `faiss_ivf` (`IndexIVFFlat`, `nprobe` of `nlist` lists): approximate, touches a few percent of the keys.
+
+Maintenance follows the functional `MemoryState`. A store's rows below its length never change: merges append
+into growth buffers that are only written past their filled length (state.Growth), and eviction builds new
+tensors. So a backend is cached per (buffer, layer): a longer view of the same buffer adds only the new rows,
+a shorter view (an older state) filters the extra ids out, and a new buffer (eviction, a loaded memory) gets a
+new backend. The cache holds the buffer only weakly and drops the entry when the buffer dies, so a recycled
+address can never meet an old index.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import torch
+
+from mplus_agents.index.base import (
+    KeyStats,
+    LayerCandidates,
+    ScoreContext,
+    certified_select,
+    exact_scores,
+    exact_select,
+    is_sorted,
+    query_vectors,
+)
+
+FAISS_HINT = "the faiss long-term index needs faiss: pip install 'mplus-agents[faiss]' (or faiss-gpu for CUDA)"
+CACHE_ENTRIES = 256
+"""Backends kept (one per layer and store buffer): 30 layers of ~8 users."""
+
+
+def import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(FAISS_HINT) from err
+    return faiss
+
+
+def faiss_available() -> bool:
+    try:
+        import_faiss()
+    except ImportError:
+        return False
+    return True
+
+
+class Backend(Protocol):
+    approximate: bool
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Append rows [m, D] (after the rows already held)."""
+        ...
+
+    def search(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [m, k] int64, -1 where fewer than k rows; values [m, k] float32, descending)."""
+        ...
+
+
+class TorchFlat:
+    """Reads a view of the store itself: no copy, and `add` only records how many rows are visible."""
+
+    approximate = False
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        self.keys = keys.reshape(keys.shape[0], -1)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.keys.shape[0])
+
+    def add(self, keys: torch.Tensor) -> None:
+        raise AssertionError("TorchFlat views its store; build a new one for a longer view")
+
+    def search(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = (qv.to(self.keys.dtype) @ self.keys.T).float()
+        vals, ids = logits.topk(min(k, logits.shape[1]), dim=1)
+        return ids, vals
+
+
+class FaissBackend:
+    """faiss `IndexFlatIP` (exact) or `IndexIVFFlat` (approximate); on CUDA when faiss-gpu is installed."""
+
+    def __init__(self, dim: int, kind: str, device: torch.device, nprobe: int = 16) -> None:
+        self.faiss = import_faiss()
+        self.kind, self.dim, self.nprobe = kind, dim, nprobe
+        self.approximate = kind == "faiss_ivf"
+        self.index: Any = None
+        self.device = device
+        if not self.approximate:
+            self.index = self._to_device(self.faiss.IndexFlatIP(dim))
+
+    def _to_device(self, index: Any) -> Any:
+        if self.device.type == "cuda" and hasattr(self.faiss, "StandardGpuResources"):
+            self.resources = self.faiss.StandardGpuResources()
+            return self.faiss.index_cpu_to_gpu(self.resources, self.device.index or 0, index)
+        return index
+
+    @property
+    def ntotal(self) -> int:
+        return 0 if self.index is None else int(self.index.ntotal)
+
+    def add(self, keys: torch.Tensor) -> None:
+        x = keys.reshape(keys.shape[0], -1).detach().to("cpu", torch.float32).contiguous().numpy()
+        if self.index is None:  # IVF: trained on the first rows it sees (a rebuild retrains)
+            nlist = max(1, min(int(4 * math.sqrt(x.shape[0])), x.shape[0] // 39))
+            quantizer = self.faiss.IndexFlatIP(self.dim)
+            index = self.faiss.IndexIVFFlat(quantizer, self.dim, nlist, self.faiss.METRIC_INNER_PRODUCT)
+            sample = x[:: max(1, x.shape[0] // (64 * nlist))]
+            index.train(sample)
+            index.nprobe = min(self.nprobe, nlist)
+            self.index = self._to_device(index)
+        self.index.add(x)
+
+    def search(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = qv.detach().to("cpu", torch.float32).contiguous().numpy()
+        vals, ids = self.index.search(x, min(k, self.ntotal))
+        return torch.from_numpy(ids).long(), torch.from_numpy(vals).float()
+
+
+class _Entry:
+    def __init__(self, root: torch.Tensor, backend: Backend | None) -> None:
+        self.root = weakref.ref(root)
+        self.backend = backend
+        self.rows = 0
+        self.stats: dict[int, KeyStats] = {}
+        self.lock = threading.Lock()
+
+
+_CACHE: OrderedDict[tuple[int, int, str], _Entry] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t._base if t._base is not None else t
+
+
+def _entry(keys: torch.Tensor, kind: str, make: Any) -> _Entry:
+    root = _root(keys)
+    key = (id(root), keys.data_ptr(), kind)
+    with _CACHE_LOCK:
+        entry = _CACHE.get(key)
+        if entry is None or entry.root() is not root:
+            entry = _Entry(root, make())
+            _CACHE[key] = entry
+            weakref.finalize(root, _forget, key, weakref.ref(entry))
+            while len(_CACHE) > CACHE_ENTRIES:
+                _CACHE.popitem(last=False)
+        _CACHE.move_to_end(key)
+    return entry
+
+
+def _forget(key: tuple[int, int, str], entry: weakref.ref[_Entry]) -> None:
+    with _CACHE_LOCK:
+        if _CACHE.get(key) is entry():
+            del _CACHE[key]
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+class ShortlistIndex:
+    """Shortlist with a backend over the long-term part, rescore exactly, prove, widen or fall back."""
+
+    def __init__(
+        self,
+        cand: LayerCandidates,
+        kind: str = "torch",
+        *,
+        indexed_parts: int = 1,
+        shortlist_k: int = 128,
+        max_k: int = 4096,
+        nprobe: int = 16,
+    ) -> None:
+        if kind not in ("torch", "faiss", "faiss_ivf"):
+            raise ValueError(f"unknown shortlist backend {kind!r}")
+        self.cand, self.kind = cand, kind
+        self.shortlist_k, self.max_k = shortlist_k, max_k
+        self.approximate = kind == "faiss_ivf"
+        self.fallbacks = 0
+        """Reads answered by the exact path because no shortlist up to `max_k` was provable."""
+        big = cand.keys[0] if indexed_parts and len(cand.keys) else None
+        self.big = big if big is not None and big.shape[0] else None
+        self.backend: Backend | None = None
+        self.entry: _Entry | None = None
+        if self.big is not None:
+            self._attach(self.big, nprobe)
+
+    def _attach(self, keys: torch.Tensor, nprobe: int) -> None:
+        n = int(keys.shape[0])
+        if self.kind == "torch":
+            self.entry = _entry(keys, self.kind, lambda: None)
+            self.backend = TorchFlat(keys)
+        else:
+            dim, kind = int(keys[0].numel()), self.kind
+            self.entry = _entry(keys, f"{kind}:{nprobe}", lambda: FaissBackend(dim, kind, keys.device, nprobe))
+            backend = self.entry.backend
+            assert backend is not None
+            with self.entry.lock:
+                if n > self.entry.rows:
+                    backend.add(keys[self.entry.rows : n])
+            self.backend = backend
+        with self.entry.lock:
+            if n > self.entry.rows:
+                # Statistics for max_z grow with the same rows; one snapshot per length a state has had.
+                last = self.entry.stats.get(self.entry.rows)
+                added = KeyStats.of(keys[self.entry.rows : n])
+                self.entry.stats[n] = added if last is None else last + added
+                self.entry.rows = n
+                if len(self.entry.stats) > 64:
+                    for old in sorted(self.entry.stats)[:-64]:
+                        del self.entry.stats[old]
+
+    def __len__(self) -> int:
+        return len(self.cand)
+
+    def _stats(self) -> KeyStats:
+        parts = self.cand.keys
+        stats = None
+        rest = parts
+        if self.big is not None and self.entry is not None:
+            n = int(self.big.shape[0])
+            stats = self.entry.stats.get(n) or KeyStats.of(self.big)  # an older, shorter view: recompute
+            rest = parts[1:]
+        for k in rest:
+            if k.shape[0]:
+                stats = KeyStats.of(k) if stats is None else stats + KeyStats.of(k)
+        assert stats is not None
+        return stats
+
+    def scores(self, q: torch.Tensor, scorer: str) -> torch.Tensor:
+        return exact_scores(self.cand, q, scorer)
+
+    def select(self, q: torch.Tensor, scorer: str, budget: int, *, exact: bool) -> torch.Tensor:
+        n = len(self.cand)
+        if self.big is None or n <= budget or budget <= 0:
+            return exact_select(self.cand, q, scorer, budget, exact=exact)
+        assert self.backend is not None
+        ctx = ScoreContext(self.cand, q, scorer, self._stats() if scorer == "max_z" else None)
+        qv = query_vectors(q, int(self.big.shape[1]), scorer)
+        n_big = int(self.big.shape[0])
+        rest = torch.arange(n_big, n)  # small parts: always listed
+        sorted_blocks = is_sorted(self.cand.block)
+        k = self.shortlist_k
+        while True:
+            ids, vals = self.backend.search(qv, k)
+            complete = self.backend.ntotal <= k
+            found = ids[(ids >= 0) & (ids < n_big)]
+            listed = torch.unique(torch.cat([found, rest]))
+            bound = -math.inf if complete else ctx.bound(vals[:, -1])
+            got = certified_select(
+                ctx, listed, bound, budget, exact=exact, sorted_blocks=sorted_blocks, trust_order=self.approximate
+            )
+            if got is not None:
+                return got
+            if complete or k >= self.max_k:
+                self.fallbacks += 1
+                return exact_select(self.cand, q, scorer, budget, exact=exact)
+            k = min(4 * k, self.max_k)
+
+
+class FaissIndex(ShortlistIndex):
+    """faiss shortlist (`flat`: exact, proven; `ivf`: approximate) with exact rescoring."""
+
+    def __init__(self, cand: LayerCandidates, kind: str = "flat", **kw: Any) -> None:
+        if kind not in ("flat", "ivf"):
+            raise ValueError(f"FaissIndex kind must be 'flat' or 'ivf', got {kind!r}")
+        import_faiss()
+        super().__init__(cand, "faiss" if kind == "flat" else "faiss_ivf", **kw)
