@@ -232,7 +232,8 @@ def certified_select(
     by_id = torch.argsort(ids, descending=True)
     rank = by_id[torch.argsort(best[by_id], descending=True, stable=True)]
     cum = torch.cumsum(sizes[rank], dim=0)
-    covers_all = int(sizes.sum()) == n
+    every_block = int(sizes.sum()) == n  # no block without a listed token
+    every_token = listed.numel() == n  # only then are the listed blocks' maxima known without the bound
     if exact:
         take = int(torch.searchsorted(cum, torch.tensor(budget), right=False)) + 1
         if take > ids.numel():  # the listed blocks do not fill the budget
@@ -242,10 +243,10 @@ def certified_select(
         take = int((cum <= budget).sum())
         if take == 0:
             take, exact = 1, True
-        if take == ids.numel() and not covers_all:  # a further, unlisted block might still fit
+        if take == ids.numel() and not every_block:  # a further, unlisted block might still fit
             return None
         decisive = min(take + 1, ids.numel())
-    if not trust_order and not covers_all and not bool((best[rank[:decisive]] > bound).all()):
+    if not trust_order and not every_token and not bool((best[rank[:decisive]] > bound).all()):
         return None
     chosen = ids[rank[:take]]
     index = block_members(block, chosen, sorted_blocks)
