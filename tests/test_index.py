@@ -48,18 +48,53 @@ def shortlist_indexes(cand: LayerCandidates, **kw: Any) -> list[ShortlistIndex]:
     return [ShortlistIndex(cand, "torch", **kw), FaissIndex(cand, "flat", **kw)]
 
 
+def plant(cand: LayerCandidates, q: torch.Tensor, blocks: int, block_size: int, seed: int) -> None:
+    """Give `blocks` random blocks keys that every query head likes, with a different strength per block.
+
+    `sigmoid_mean` averages over every query token and head, so only keys that match all of them stand out
+    clearly enough above the k'-th sigmoid of each (token, head) for the bound to prove the selection.
+    """
+    g = torch.Generator().manual_seed(seed)
+    groups = HEADS // KV_HEADS
+    liked = q.reshape(q.shape[0], KV_HEADS, groups, HEAD_DIM).sum(dim=(0, 2))
+    liked = liked / liked.norm(dim=-1, keepdim=True)
+    big = cand.keys[0]
+    n_blocks = big.shape[0] // block_size
+    for rank, b in enumerate(torch.randperm(n_blocks, generator=g)[:blocks].tolist()):
+        rows = slice(b * block_size, (b + 1) * block_size)
+        strength = 20.0 + 20.0 * (blocks - rank) / blocks
+        big[rows] = liked * strength + 0.3 * torch.randn(block_size, KV_HEADS, HEAD_DIM, generator=g)
+
+
 @pytest.mark.parametrize("scorer", SCORERS)
 @pytest.mark.parametrize(("block_size", "exact"), [(1, True), (8, True), (8, False), (5, False)])
 def test_shortlist_returns_the_reference_selection(scorer: str, block_size: int, exact: bool) -> None:
     seed = SCORERS.index(scorer) * 10 + block_size
     cand = random_candidates(4000, 150, block_size, seed)
     q = random_q(7, seed + 1)
+    kw: dict[str, Any] = {"shortlist_k": 64}
+    if scorer == "sigmoid_mean":  # provable only where a few blocks match every query head (see `plant`)
+        q = q * 0.1
+        plant(cand, q, 96 // block_size + 2, block_size, seed)
+        kw = {"shortlist_k": 128, "sigmoid_proof": True}
     want = ExactIndex(cand).select(q, scorer, 96, exact=exact)
     assert want.numel() > 0
-    for index in shortlist_indexes(cand, shortlist_k=64):
+    for index in shortlist_indexes(cand, **kw):
         got = index.select(q, scorer, 96, exact=exact)
         assert index.fallbacks == 0, "the shortlist should have covered the answer"
         assert torch.equal(got, want), (index.kind, scorer)
+
+
+def test_sigmoid_mean_goes_straight_to_the_exact_path() -> None:
+    cand = random_candidates(4000, 0, 8, seed=2)
+    q = random_q(7, 3)
+    index = ShortlistIndex(cand, "torch", shortlist_k=8, max_k=8)
+    want = ExactIndex(cand).select(q, "sigmoid_mean", 96, exact=True)
+    assert torch.equal(index.select(q, "sigmoid_mean", 96, exact=True), want)
+    assert index.fallbacks == 0  # not a failed proof: no shortlist was tried
+    tried = ShortlistIndex(cand, "torch", shortlist_k=8, max_k=8, sigmoid_proof=True)
+    tried.select(q, "sigmoid_mean", 96, exact=True)
+    assert tried.fallbacks == 1
 
 
 @pytest.mark.parametrize("scorer", SCORERS)
@@ -90,10 +125,10 @@ def test_a_short_shortlist_is_detected_not_trusted(scorer: str) -> None:
     assert naive is None or not torch.equal(naive, want)
     # ...so the bound must refuse it.
     assert certified_select(ctx, listed, ctx.bound(vals[:, -1]), budget, exact=True, sorted_blocks=True) is None
-    for index in shortlist_indexes(cand, shortlist_k=1, max_k=1):
+    for index in shortlist_indexes(cand, shortlist_k=1, max_k=1, sigmoid_proof=True):
         assert torch.equal(index.select(q, scorer, budget, exact=True), want)
         assert index.fallbacks == 1
-    widened = ShortlistIndex(cand, "torch", shortlist_k=1, max_k=4096)
+    widened = ShortlistIndex(cand, "torch", shortlist_k=1, max_k=4096, sigmoid_proof=True)
     assert torch.equal(widened.select(q, scorer, budget, exact=True), want)
 
 

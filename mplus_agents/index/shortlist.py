@@ -119,10 +119,10 @@ class FaissBackend:
     def add(self, keys: torch.Tensor) -> None:
         x = keys.reshape(keys.shape[0], -1).detach().to("cpu", torch.float32).contiguous().numpy()
         if self.index is None:  # IVF: trained on the first rows it sees (a rebuild retrains)
-            nlist = max(1, min(int(4 * math.sqrt(x.shape[0])), x.shape[0] // 39))
+            nlist = max(1, min(int(math.sqrt(x.shape[0])), x.shape[0] // 39))
             quantizer = self.faiss.IndexFlatIP(self.dim)
             index = self.faiss.IndexIVFFlat(quantizer, self.dim, nlist, self.faiss.METRIC_INNER_PRODUCT)
-            sample = x[:: max(1, x.shape[0] // (64 * nlist))]
+            sample = x[:: max(1, x.shape[0] // (32 * nlist))]
             index.train(sample)
             index.nprobe = min(self.nprobe, nlist)
             self.index = self._to_device(index)
@@ -189,12 +189,18 @@ class ShortlistIndex:
         shortlist_k: int = 128,
         max_k: int = 4096,
         nprobe: int = 16,
+        sigmoid_proof: bool = False,
     ) -> None:
         if kind not in ("torch", "faiss", "faiss_ivf"):
             raise ValueError(f"unknown shortlist backend {kind!r}")
         self.cand, self.kind = cand, kind
         self.shortlist_k, self.max_k = shortlist_k, max_k
         self.approximate = kind == "faiss_ivf"
+        self.sigmoid_proof = sigmoid_proof
+        """Try to prove `sigmoid_mean` selections too. Off by default: its bound (a mean over every query token
+        and head of each one's k'-th sigmoid) sits far above the real top scores, so on random data and on
+        SmolLM2 keys the proof failed on every read, and the shortlist pass for T x heads query vectors costs
+        as much as exact scoring. Proven backends answer `sigmoid_mean` with the exact path instead."""
         self.fallbacks = 0
         """Reads answered by the exact path because no shortlist up to `max_k` was provable."""
         big = cand.keys[0] if indexed_parts and len(cand.keys) else None
@@ -251,7 +257,8 @@ class ShortlistIndex:
 
     def select(self, q: torch.Tensor, scorer: str, budget: int, *, exact: bool) -> torch.Tensor:
         n = len(self.cand)
-        if self.big is None or n <= budget or budget <= 0:
+        hopeless = scorer == "sigmoid_mean" and not (self.approximate or self.sigmoid_proof)
+        if self.big is None or n <= budget or budget <= 0 or hopeless:
             return exact_select(self.cand, q, scorer, budget, exact=exact)
         assert self.backend is not None
         ctx = ScoreContext(self.cand, q, scorer, self._stats() if scorer == "max_z" else None)
@@ -271,7 +278,7 @@ class ShortlistIndex:
             )
             if got is not None:
                 return got
-            if complete or k >= self.max_k:
+            if complete or k >= self.max_k or 2 * listed.numel() >= n:  # a proof would cost what exact costs
                 self.fallbacks += 1
                 return exact_select(self.cand, q, scorer, budget, exact=exact)
             k = min(4 * k, self.max_k)

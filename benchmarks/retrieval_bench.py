@@ -1,0 +1,194 @@
+"""Retrieval latency per layer against long-term size (issue 7, item 5a): exact torch vs shortlist indexes.
+
+One layer of SmolLM2 key geometry (3 KV heads x 64 = 192-dim pre-RoPE keys, 9 query heads), a prompt of
+~25 query tokens, top-1,024 tokens in blocks of 64 (`per_layer` selection, `exact=True`), scorer `max_z`
+(the default) and optionally `sigmoid_mean` (M+). Keys are real: one forward pass of SmolLM2 over ~2k tokens of
+chat filler gives a layer's keys and the question's queries; a store of N tokens is made of runs of 64
+consecutive real keys (a block is one stretch of text) plus Gaussian noise (0.3 x each dimension's std), so
+no two stored keys are equal while the geometry (anisotropy, clusters) stays the model's.
+
+Every variant runs in the same process, interleaved, on the same store and queries; each figure is also given
+as a ratio to exact torch, and the recall of each variant is the fraction of the exact selection it returns.
+Variants: exact torch fp32 (the reference), exact torch on bf16 keys, proven torch shortlist, proven faiss flat
+shortlist, faiss IVF (approximate, nprobe 16 and 64). Build/maintenance times are reported separately.
+
+    python benchmarks/retrieval_bench.py                       # 10k, 100k, 1M
+    python benchmarks/retrieval_bench.py --sizes 10000 100000 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from common import RESULTS, print_table, write_csv, write_json  # noqa: E402
+from conversation import filler_turns  # noqa: E402
+
+from mplus_agents import MPlusLLM  # noqa: E402
+from mplus_agents.hf.hooks import capture_kv, layer_hooks  # noqa: E402
+from mplus_agents.index import ExactIndex, FaissIndex, LayerCandidates, ShortlistIndex, clear_cache  # noqa: E402
+
+QUESTION = "By the way, what did I tell you the code for my bike locker at the station was?"
+
+
+def real_keys_and_queries(layer: int, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, kv, hd] pre-RoPE keys of chat filler and [T, heads, hd] pre-RoPE queries of a question, one layer."""
+    llm = MPlusLLM.from_default()
+    turns = filler_turns(0, [])
+    ids: list[int] = []
+    while len(ids) < text_tokens:
+        ids += llm.encode("user: " + next(turns) + "\n")
+    ids = ids[:text_tokens]
+    question = llm.encode(QUESTION)
+    seen: dict[str, torch.Tensor] = {}
+
+    def pre(index: int, hidden: torch.Tensor) -> None:
+        if index == layer:
+            seen["hidden"] = hidden
+
+    all_ids = torch.tensor(ids + question)
+    with torch.no_grad(), capture_kv(llm.engine.arch) as (keys, _), layer_hooks(llm.engine.arch, pre=pre):
+        llm.engine.forward(DynamicCache(), all_ids, 0)
+    k = keys[layer][: len(ids)]  # type: ignore[index]
+    qpos = torch.arange(len(ids), len(ids) + len(question))
+    with torch.no_grad():
+        q = llm.engine._queries(layer, seen["hidden"], qpos, "max_z")
+    return k.float().contiguous(), q.float().contiguous()
+
+
+def synth_store(real: torch.Tensor, n: int, block: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    runs = (n + block - 1) // block
+    starts = torch.randint(0, real.shape[0] - block, (runs,), generator=g)
+    idx = (starts[:, None] + torch.arange(block)[None, :]).reshape(-1)[:n]
+    noise_scale = 0.3 * real.reshape(real.shape[0], -1).std(0).reshape(1, *real.shape[1:])
+    out = real[idx]
+    for lo in range(0, n, 262144):  # in place, in slices: no second full-size temporary
+        hi = min(n, lo + 262144)
+        out[lo:hi] += torch.randn(hi - lo, *real.shape[1:], generator=g) * noise_scale
+    return out
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layer", type=int, default=15)
+    parser.add_argument("--budget", type=int, default=1024)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--scorers", nargs="+", default=["max_z"])
+    parser.add_argument("--text-tokens", type=int, default=2048)
+    parser.add_argument("--no-faiss-flat", action="store_true", help="skip the faiss flat copy (saves RAM)")
+    parser.add_argument("--out", default="retrieval_bench")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+
+    real, q = real_keys_and_queries(args.layer, args.text_tokens)
+    print(f"real keys {tuple(real.shape)}, queries {tuple(q.shape)}, torch threads {torch.get_num_threads()}")
+    rows: list[dict[str, Any]] = []
+    for n in args.sizes:
+        clear_cache()
+        gc.collect()
+        keys = synth_store(real, n, args.block_size, seed=n)
+        block = torch.arange(n) // args.block_size
+        age = torch.arange(n - 1, -1, -1)
+        cand = LayerCandidates([keys], block, age)
+        cand16 = LayerCandidates([keys.to(torch.bfloat16)], block, age)
+        variants: dict[str, Any] = {
+            "exact torch fp32": partial(ExactIndex, cand),
+            "exact torch bf16 keys": partial(ExactIndex, cand16),
+            "proven torch shortlist": partial(ShortlistIndex, cand, "torch"),
+            "faiss IVF nprobe 16": partial(FaissIndex, cand, "ivf", nprobe=16),
+            "faiss IVF nprobe 64": partial(FaissIndex, cand, "ivf", nprobe=64),
+        }
+        if not args.no_faiss_flat:
+            variants["proven faiss flat shortlist"] = partial(FaissIndex, cand, "flat")
+        build: dict[str, float] = {}
+        indexes: dict[str, Any] = {}
+        for name, make in variants.items():  # first construction builds (and caches) the backend
+            build[name], indexes[name] = timed(make)
+        for scorer in args.scorers:
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            fallbacks = dict.fromkeys(variants, 0)
+            results: dict[str, torch.Tensor] = {}
+            for _ in range(args.repeats):
+                for name in variants:  # interleaved
+                    index = variants[name]()  # per read, as the engine does: a cache lookup, not a rebuild
+                    ms, got = timed(partial(index.select, q, scorer, args.budget, exact=True))
+                    times[name].append(ms)
+                    results[name] = got
+                    fallbacks[name] += getattr(index, "fallbacks", 0)  # exact answers after a failed proof
+            want = set(results["exact torch fp32"].tolist())
+            base = statistics.median(times["exact torch fp32"])
+            for name in variants:
+                med = statistics.median(times[name])
+                got_set = set(results[name].tolist())
+                rows.append({
+                    "tokens": n,
+                    "scorer": scorer,
+                    "variant": name,
+                    "ms_median": round(med, 2),
+                    "ms_min": round(min(times[name]), 2),
+                    "ratio_to_exact": round(med / base, 3),
+                    "recall": round(len(want & got_set) / len(want), 4),
+                    "identical": bool(torch.equal(results[name], results["exact torch fp32"])),
+                    "build_ms": round(build[name], 1),
+                    "fallbacks": fallbacks[name],
+                })
+                print(rows[-1], flush=True)
+        indexes.clear()
+        variants.clear()
+    header = ["tokens", "scorer", "variant", "ms/layer (median)", "x exact", "recall", "identical", "build ms"]
+    table = [[r["tokens"], r["scorer"], r["variant"], r["ms_median"], r["ratio_to_exact"], r["recall"],
+              r["identical"], r["build_ms"]] for r in rows]
+    print()
+    print_table(header, table)
+    write_csv(RESULTS / f"{args.out}.csv", rows)
+    write_json(RESULTS / f"{args.out}.json", {"argv": sys.argv, "threads": torch.get_num_threads(), "rows": rows})
+    plot(rows, RESULTS / f"{args.out}.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for scorer in sorted({r["scorer"] for r in rows}):
+        for name in dict.fromkeys(r["variant"] for r in rows):
+            pts = [(r["tokens"], r["ms_median"]) for r in rows if r["variant"] == name and r["scorer"] == scorer]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{name} ({scorer})")
+    ax.axhline(20, color="grey", linestyle="--", linewidth=1, label="target 20 ms")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("long-term tokens per layer")
+    ax.set_ylabel("ms per layer (median)")
+    ax.set_title("Long-term retrieval, one SmolLM2 layer, top-1024 in blocks of 64")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
