@@ -104,9 +104,16 @@ class KeyStats:
     """[D, D] sum of k k^T."""
 
     @classmethod
-    def of(cls, keys: torch.Tensor) -> KeyStats:
-        flat = keys.reshape(keys.shape[0], -1).to(torch.float64)
-        return cls(int(flat.shape[0]), flat.sum(0), flat.T @ flat)
+    def of(cls, keys: torch.Tensor, chunk: int = 65536) -> KeyStats:
+        flat = keys.reshape(keys.shape[0], -1)
+        d = flat.shape[1]
+        total = torch.zeros(d, dtype=torch.float64, device=flat.device)
+        gram = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
+        for start in range(0, flat.shape[0], chunk):  # a float64 copy of the whole store would be 2x its size
+            part = flat[start : start + chunk].to(torch.float64)
+            total += part.sum(0)
+            gram += part.T @ part
+        return cls(int(flat.shape[0]), total, gram)
 
     def __add__(self, other: KeyStats) -> KeyStats:
         return KeyStats(self.count + other.count, self.total + other.total.to(self.total.device),

@@ -38,6 +38,7 @@ from mplus_agents.index.base import (
 )
 
 FAISS_HINT = "the faiss long-term index needs faiss: pip install 'mplus-agents[faiss]' (or faiss-gpu for CUDA)"
+STAT_SNAPSHOTS = 4
 CACHE_ENTRIES = 256
 """Backends kept (one per layer and store buffer): 30 layers of ~8 users."""
 
@@ -140,7 +141,10 @@ class _Entry:
         self.root = weakref.ref(root)
         self.backend = backend
         self.rows = 0
+        """Rows the backend holds."""
+        self.stat_rows = 0
         self.stats: dict[int, KeyStats] = {}
+        """Key statistics per store length, the newest `STAT_SNAPSHOTS` (a [D, D] float64 sum each)."""
         self.lock = threading.Lock()
 
 
@@ -225,17 +229,8 @@ class ShortlistIndex:
             with self.entry.lock:
                 if n > self.entry.rows:
                     backend.add(keys[self.entry.rows : n])
+                    self.entry.rows = n
             self.backend = backend
-        with self.entry.lock:
-            if n > self.entry.rows:
-                # Statistics for max_z grow with the same rows; one snapshot per length a state has had.
-                last = self.entry.stats.get(self.entry.rows)
-                added = KeyStats.of(keys[self.entry.rows : n])
-                self.entry.stats[n] = added if last is None else last + added
-                self.entry.rows = n
-                if len(self.entry.stats) > 64:
-                    for old in sorted(self.entry.stats)[:-64]:
-                        del self.entry.stats[old]
 
     def __len__(self) -> int:
         return len(self.cand)
@@ -245,14 +240,28 @@ class ShortlistIndex:
         stats = None
         rest = parts
         if self.big is not None and self.entry is not None:
-            n = int(self.big.shape[0])
-            stats = self.entry.stats.get(n) or KeyStats.of(self.big)  # an older, shorter view: recompute
+            stats = self._big_stats(self.entry, self.big)
             rest = parts[1:]
         for k in rest:
             if k.shape[0]:
                 stats = KeyStats.of(k) if stats is None else stats + KeyStats.of(k)
         assert stats is not None
         return stats
+
+    @staticmethod
+    def _big_stats(entry: _Entry, big: torch.Tensor) -> KeyStats:
+        """Statistics for max_z, grown with the rows (computed on first use: other scorers never pay for them)."""
+        n = int(big.shape[0])
+        with entry.lock:
+            if n > entry.stat_rows:
+                last = entry.stats.get(entry.stat_rows)
+                added = KeyStats.of(big[entry.stat_rows : n])
+                entry.stats[n] = added if last is None else last + added
+                entry.stat_rows = n
+                for old in sorted(entry.stats)[:-STAT_SNAPSHOTS]:
+                    del entry.stats[old]
+            found = entry.stats.get(n)
+        return found if found is not None else KeyStats.of(big)  # an older, shorter view: recompute
 
     def scores(self, q: torch.Tensor, scorer: str) -> torch.Tensor:
         return exact_scores(self.cand, q, scorer)
