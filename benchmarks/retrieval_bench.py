@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -96,11 +97,18 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--scorers", nargs="+", default=["max_z"])
-    parser.add_argument("--text-tokens", type=int, default=2048)
+    parser.add_argument("--text-tokens", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
     parser.add_argument("--no-faiss-flat", action="store_true", help="skip the faiss flat copy (saves RAM)")
     parser.add_argument("--out", default="retrieval_bench")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+    load_before = os.getloadavg()
 
     real, q = real_keys_and_queries(args.layer, args.text_tokens)
     print(f"real keys {tuple(real.shape)}, queries {tuple(q.shape)}, torch threads {torch.get_num_threads()}")
@@ -163,7 +171,10 @@ def main() -> None:
     print()
     print_table(header, table)
     write_csv(RESULTS / f"{args.out}.csv", rows)
-    write_json(RESULTS / f"{args.out}.json", {"argv": sys.argv, "threads": torch.get_num_threads(), "rows": rows})
+    info = {"argv": sys.argv, "threads": torch.get_num_threads(), "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+    write_json(RESULTS / f"{args.out}.json", info)
+    print(f"load average before {load_before}, after {os.getloadavg()} (2 cores shared)")
     plot(rows, RESULTS / f"{args.out}.png")
 
 

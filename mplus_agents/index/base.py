@@ -204,7 +204,8 @@ def block_members(block: torch.Tensor, ids: torch.Tensor, sorted_blocks: bool) -
     if sorted_blocks and ids.numel():
         lo = torch.searchsorted(block, ids, right=False)
         hi = torch.searchsorted(block, ids, right=True)
-        return torch.sort(torch.cat([torch.arange(int(a), int(b)) for a, b in zip(lo, hi, strict=True)])).values
+        spans = [torch.arange(int(a), int(b), device=block.device) for a, b in zip(lo, hi, strict=True)]
+        return torch.sort(torch.cat(spans)).values
     return torch.nonzero(torch.isin(block, ids)).flatten()
 
 
@@ -233,8 +234,8 @@ def certified_select(
     block, age = cand.block, cand.age
     scores = ctx.subset(listed)
     ids, inverse = torch.unique(block[listed], return_inverse=True)
-    best = torch.full((ids.numel(),), -math.inf, dtype=torch.float32)
-    best = best.scatter_reduce(0, inverse, scores, reduce="amax", include_self=True)
+    best = torch.full((ids.numel(),), -math.inf, dtype=torch.float32, device=scores.device)
+    best = best.scatter_reduce(0, inverse, scores.to(best.device), reduce="amax", include_self=True)
     sizes = block_sizes(block, ids, sorted_blocks)
     by_id = torch.argsort(ids, descending=True)
     rank = by_id[torch.argsort(best[by_id], descending=True, stable=True)]
@@ -242,7 +243,7 @@ def certified_select(
     every_block = int(sizes.sum()) == n  # no block without a listed token
     every_token = listed.numel() == n  # only then are the listed blocks' maxima known without the bound
     if exact:
-        take = int(torch.searchsorted(cum, torch.tensor(budget), right=False)) + 1
+        take = int(torch.searchsorted(cum, torch.tensor(budget, device=cum.device), right=False)) + 1
         if take > ids.numel():  # the listed blocks do not fill the budget
             return None
         decisive = take

@@ -275,13 +275,14 @@ class ShortlistIndex:
         ctx = ScoreContext(self.cand, q, scorer, self._stats() if scorer == "max_z" else None)
         qv = query_vectors(q, int(self.big.shape[1]), scorer)
         n_big = int(self.big.shape[0])
-        rest = torch.arange(n_big, n)  # small parts: always listed
+        device = self.cand.block.device
+        rest = torch.arange(n_big, n, device=device)  # small parts: always listed
         sorted_blocks = is_sorted(self.cand.block)
         k = self.shortlist_k
         while True:
             ids, vals = self.backend.search(qv, k)
             complete = self.backend.ntotal <= k
-            found = ids[(ids >= 0) & (ids < n_big)]
+            found = ids[(ids >= 0) & (ids < n_big)].to(device)
             listed = torch.unique(torch.cat([found, rest]))
             bound = -math.inf if complete else ctx.bound(vals[:, -1])
             got = certified_select(
