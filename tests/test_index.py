@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mplus_agents import MemoryConfig, MPlusLLM, ops
-from mplus_agents.index import ExactIndex, FaissIndex, LayerCandidates, ShortlistIndex, make_index
+from mplus_agents.index import AUTO_MIN_TOKENS, ExactIndex, FaissIndex, LayerCandidates, ShortlistIndex, make_index
 from mplus_agents.index.base import KeyStats, ScoreContext, certified_select, query_vectors
 from mplus_agents.index.shortlist import _CACHE, FaissBackend, import_faiss
 from mplus_agents.retrieval import head_mean_logits
@@ -288,8 +288,13 @@ def test_per_layer_read_with_faiss_gives_the_exact_logits(scorer: str) -> None:
         torch.testing.assert_close(results[kind][0], results["exact"][0], rtol=0, atol=0)
 
 
-def test_make_index_auto_uses_exact_for_small_stores() -> None:
+def test_make_index_auto_shortlists_only_large_stores() -> None:
     cand = random_candidates(100, 0, 1, seed=0)
     assert isinstance(make_index("auto", cand), ExactIndex)
+    large = random_candidates(AUTO_MIN_TOKENS, 10, 4, seed=1)
+    index = make_index("auto", large)
+    assert isinstance(index, ShortlistIndex) and not index.approximate
+    q = random_q(5, 2)
+    assert torch.equal(index.select(q, "max_z", 64, exact=True), ExactIndex(large).select(q, "max_z", 64, exact=True))
     with pytest.raises(ValueError, match="unknown"):
         make_index("nope", cand)
