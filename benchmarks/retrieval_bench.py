@@ -7,8 +7,10 @@ chat filler gives a layer's keys and the question's queries; a store of N tokens
 consecutive real keys (a block is one stretch of text) plus Gaussian noise (0.3 x each dimension's std), so
 no two stored keys are equal while the geometry (anisotropy, clusters) stays the model's.
 
-Every variant runs in the same process, interleaved, on the same store and queries; each figure is also given
-as a ratio to exact torch, and the recall of each variant is the fraction of the exact selection it returns.
+Every variant runs in the same process, interleaved, on the same store and four questions; each figure is
+also given as a ratio to exact torch, and the recall of each variant is the fraction of the exact selection it
+returns (mean and worst over the questions; `identical`: the same tokens in the same order for all four).
+On a CPU shared with other jobs pass `--threads 1`: two contended OpenMP threads make every figure noisy.
 Variants: exact torch fp32 (the reference), exact torch on bf16 keys, proven torch shortlist, proven faiss flat
 shortlist, faiss IVF (approximate, nprobe 16 and 64). Build/maintenance times are reported separately.
 
@@ -19,6 +21,7 @@ shortlist, faiss IVF (approximate, nprobe 16 and 64). Build/maintenance times ar
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import statistics
@@ -42,32 +45,43 @@ from mplus_agents import MPlusLLM  # noqa: E402
 from mplus_agents.hf.hooks import capture_kv, layer_hooks  # noqa: E402
 from mplus_agents.index import ExactIndex, FaissIndex, LayerCandidates, ShortlistIndex, clear_cache  # noqa: E402
 
-QUESTION = "By the way, what did I tell you the code for my bike locker at the station was?"
+QUESTIONS = [
+    "By the way, what did I tell you the code for my bike locker at the station was?",
+    "Which city did I say my sister moved to last spring, and what does she do there?",
+    "Remind me: what was the name of the dog we talked about, and what breed is it?",
+    "What time did I say the dentist appointment is on Thursday?",
+]
 
 
-def real_keys_and_queries(layer: int, text_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n, kv, hd] pre-RoPE keys of chat filler and [T, heads, hd] pre-RoPE queries of a question, one layer."""
+def real_keys_and_queries(layer: int, text_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """[n, kv, hd] pre-RoPE keys of chat filler and [T, heads, hd] pre-RoPE queries of each question, one layer.
+
+    Each question is read after the filler in the same pass (its queries see the text, as at a real read).
+    """
     llm = MPlusLLM.from_default()
     turns = filler_turns(0, [])
     ids: list[int] = []
     while len(ids) < text_tokens:
         ids += llm.encode("user: " + next(turns) + "\n")
     ids = ids[:text_tokens]
-    question = llm.encode(QUESTION)
     seen: dict[str, torch.Tensor] = {}
 
     def pre(index: int, hidden: torch.Tensor) -> None:
         if index == layer:
             seen["hidden"] = hidden
 
-    all_ids = torch.tensor(ids + question)
     with torch.no_grad(), capture_kv(llm.engine.arch) as (keys, _), layer_hooks(llm.engine.arch, pre=pre):
-        llm.engine.forward(DynamicCache(), all_ids, 0)
-    k = keys[layer][: len(ids)]  # type: ignore[index]
-    qpos = torch.arange(len(ids), len(ids) + len(question))
-    with torch.no_grad():
-        q = llm.engine._queries(layer, seen["hidden"], qpos, "max_z")
-    return k.float().contiguous(), q.float().contiguous()
+        cache = DynamicCache()
+        llm.engine.forward(cache, torch.tensor(ids), 0)
+    k = keys[layer]  # type: ignore[index]
+    queries = []
+    for text in QUESTIONS:
+        question = llm.encode(text)
+        with torch.no_grad(), layer_hooks(llm.engine.arch, pre=pre):
+            llm.engine.forward(copy.deepcopy(cache), torch.tensor(question), len(ids))
+            q = llm.engine._queries(layer, seen["hidden"], torch.arange(len(question)), "max_z")
+        queries.append(q.float().contiguous())
+    return k.float().contiguous(), queries
 
 
 def synth_store(real: torch.Tensor, n: int, block: int, seed: int) -> torch.Tensor:
@@ -97,7 +111,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--scorers", nargs="+", default=["max_z"])
-    parser.add_argument("--text-tokens", type=int, default=4096)
+    parser.add_argument("--text-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
     parser.add_argument("--no-faiss-flat", action="store_true", help="skip the faiss flat copy (saves RAM)")
     parser.add_argument("--out", default="retrieval_bench")
@@ -110,8 +124,9 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
     load_before = os.getloadavg()
 
-    real, q = real_keys_and_queries(args.layer, args.text_tokens)
-    print(f"real keys {tuple(real.shape)}, queries {tuple(q.shape)}, torch threads {torch.get_num_threads()}")
+    real, queries = real_keys_and_queries(args.layer, args.text_tokens)
+    shapes = [tuple(q.shape) for q in queries]
+    print(f"real keys {tuple(real.shape)}, queries {shapes}, torch threads {torch.get_num_threads()}")
     rows: list[dict[str, Any]] = []
     for n in args.sizes:
         clear_cache()
@@ -137,19 +152,23 @@ def main() -> None:
         for scorer in args.scorers:
             times: dict[str, list[float]] = {name: [] for name in variants}
             fallbacks = dict.fromkeys(variants, 0)
-            results: dict[str, torch.Tensor] = {}
+            results: dict[tuple[str, int], torch.Tensor] = {}
             for _ in range(args.repeats):
-                for name in variants:  # interleaved
-                    index = variants[name]()  # per read, as the engine does: a cache lookup, not a rebuild
-                    ms, got = timed(partial(index.select, q, scorer, args.budget, exact=True))
-                    times[name].append(ms)
-                    results[name] = got
-                    fallbacks[name] += getattr(index, "fallbacks", 0)  # exact answers after a failed proof
-            want = set(results["exact torch fp32"].tolist())
+                for qi, q in enumerate(queries):
+                    for name in variants:  # interleaved
+                        index = variants[name]()  # per read, as the engine does: a cache lookup, not a rebuild
+                        ms, got = timed(partial(index.select, q, scorer, args.budget, exact=True))
+                        times[name].append(ms)
+                        results[name, qi] = got
+                        fallbacks[name] += getattr(index, "fallbacks", 0)  # exact answers after a failed proof
             base = statistics.median(times["exact torch fp32"])
             for name in variants:
                 med = statistics.median(times[name])
-                got_set = set(results[name].tolist())
+                recalls, same = [], True
+                for qi in range(len(queries)):
+                    want = results["exact torch fp32", qi]
+                    recalls.append(len(set(want.tolist()) & set(results[name, qi].tolist())) / want.numel())
+                    same = same and torch.equal(results[name, qi], want)
                 rows.append({
                     "tokens": n,
                     "scorer": scorer,
@@ -157,17 +176,19 @@ def main() -> None:
                     "ms_median": round(med, 2),
                     "ms_min": round(min(times[name]), 2),
                     "ratio_to_exact": round(med / base, 3),
-                    "recall": round(len(want & got_set) / len(want), 4),
-                    "identical": bool(torch.equal(results[name], results["exact torch fp32"])),
+                    "recall": round(statistics.mean(recalls), 4),
+                    "recall_min": round(min(recalls), 4),
+                    "identical": same,
                     "build_ms": round(build[name], 1),
                     "fallbacks": fallbacks[name],
                 })
                 print(rows[-1], flush=True)
         indexes.clear()
         variants.clear()
-    header = ["tokens", "scorer", "variant", "ms/layer (median)", "x exact", "recall", "identical", "build ms"]
-    table = [[r["tokens"], r["scorer"], r["variant"], r["ms_median"], r["ratio_to_exact"], r["recall"],
-              r["identical"], r["build_ms"]] for r in rows]
+    header = ["tokens", "scorer", "variant", "ms/layer (median)", "x exact", "recall (mean/min)", "identical",
+              "build ms"]
+    table = [[r["tokens"], r["scorer"], r["variant"], r["ms_median"], r["ratio_to_exact"],
+              f"{r['recall']}/{r['recall_min']}", r["identical"], r["build_ms"]] for r in rows]
     print()
     print_table(header, table)
     write_csv(RESULTS / f"{args.out}.csv", rows)
