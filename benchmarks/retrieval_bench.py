@@ -12,7 +12,8 @@ also given as a ratio to exact torch, and the recall of each variant is the frac
 returns (mean and worst over the questions; `identical`: the same tokens in the same order for all four).
 On a CPU shared with other jobs pass `--threads 1`: two contended OpenMP threads make every figure noisy.
 Variants: exact torch fp32 (the reference), exact torch on bf16 keys, proven torch shortlist, proven faiss flat
-shortlist, faiss IVF (approximate, nprobe 16 and 64). Build/maintenance times are reported separately.
+shortlist, faiss IVF (approximate; sqrt(N) lists, `--nprobe` of them searched; one index serves every nprobe).
+Build times (first construction: faiss copy, IVF training) are reported separately.
 
     python benchmarks/retrieval_bench.py                       # 10k, 100k, 1M
     python benchmarks/retrieval_bench.py --sizes 10000 100000 --repeats 5
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--scorers", nargs="+", default=["max_z"])
     parser.add_argument("--text-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64], help="IVF lists probed")
     parser.add_argument("--no-faiss-flat", action="store_true", help="skip the faiss flat copy (saves RAM)")
     parser.add_argument("--out", default="retrieval_bench")
     args = parser.parse_args()
@@ -140,8 +142,7 @@ def main() -> None:
             "exact torch fp32": partial(ExactIndex, cand),
             "exact torch bf16 keys": partial(ExactIndex, cand16),
             "proven torch shortlist": partial(ShortlistIndex, cand, "torch"),
-            "faiss IVF nprobe 16": partial(FaissIndex, cand, "ivf", nprobe=16),
-            "faiss IVF nprobe 64": partial(FaissIndex, cand, "ivf", nprobe=64),
+            **{f"faiss IVF nprobe {p}": partial(FaissIndex, cand, "ivf", nprobe=p) for p in args.nprobe},
         }
         if not args.no_faiss_flat:
             variants["proven faiss flat shortlist"] = partial(FaissIndex, cand, "flat")

@@ -69,7 +69,7 @@ class Backend(Protocol):
         """Append rows [m, D] (after the rows already held)."""
         ...
 
-    def search(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, qv: torch.Tensor, k: int, nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [m, k] int64, -1 where fewer than k rows; values [m, k] float32, descending)."""
         ...
 
@@ -89,7 +89,7 @@ class TorchFlat:
     def add(self, keys: torch.Tensor) -> None:
         raise AssertionError("TorchFlat views its store; build a new one for a longer view")
 
-    def search(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, qv: torch.Tensor, k: int, nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         logits = (qv.to(self.keys.dtype) @ self.keys.T).float()
         vals, ids = logits.topk(min(k, logits.shape[1]), dim=1)
         return ids, vals
@@ -98,9 +98,10 @@ class TorchFlat:
 class FaissBackend:
     """faiss `IndexFlatIP` (exact) or `IndexIVFFlat` (approximate); on CUDA when faiss-gpu is installed."""
 
-    def __init__(self, dim: int, kind: str, device: torch.device, nprobe: int = 16) -> None:
+    def __init__(self, dim: int, kind: str, device: torch.device) -> None:
         self.faiss = import_faiss()
-        self.kind, self.dim, self.nprobe = kind, dim, nprobe
+        self.kind, self.dim = kind, dim
+        self.nlist = 0
         self.approximate = kind == "faiss_ivf"
         self.index: Any = None
         self.device = device
@@ -126,13 +127,14 @@ class FaissBackend:
             sample = x[:: max(1, x.shape[0] // (48 * nlist))]  # faiss wants >= 39 points per list
             index.cp.niter = 10  # k-means on a sample only seeds the lists; recall is measured, not assumed
             index.train(sample)
-            index.nprobe = min(self.nprobe, nlist)
+            self.nlist = nlist
             self.index = self._to_device(index)
         self.index.add(x)
 
-    def search(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, qv: torch.Tensor, k: int, nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
         x = qv.detach().to("cpu", torch.float32).contiguous().numpy()
-        vals, ids = self.index.search(x, min(k, self.ntotal))
+        params = self.faiss.SearchParametersIVF(nprobe=min(nprobe, self.nlist)) if self.approximate else None
+        vals, ids = self.index.search(x, min(k, self.ntotal), params=params)
         return torch.from_numpy(ids).long(), torch.from_numpy(vals).float()
 
 
@@ -200,7 +202,7 @@ class ShortlistIndex:
         if kind not in ("torch", "faiss", "faiss_ivf"):
             raise ValueError(f"unknown shortlist backend {kind!r}")
         self.cand, self.kind = cand, kind
-        self.shortlist_k, self.max_k = shortlist_k, max_k
+        self.shortlist_k, self.max_k, self.nprobe = shortlist_k, max_k, nprobe
         self.approximate = kind == "faiss_ivf"
         self.sigmoid_proof = sigmoid_proof
         """Try to prove `sigmoid_mean` selections too. Off by default: its bound (a mean over every query token
@@ -214,16 +216,16 @@ class ShortlistIndex:
         self.backend: Backend | None = None
         self.entry: _Entry | None = None
         if self.big is not None:
-            self._attach(self.big, nprobe)
+            self._attach(self.big)
 
-    def _attach(self, keys: torch.Tensor, nprobe: int) -> None:
+    def _attach(self, keys: torch.Tensor) -> None:
         n = int(keys.shape[0])
         if self.kind == "torch":
             self.entry = _entry(keys, self.kind, lambda: None)
             self.backend = TorchFlat(keys)
         else:
             dim, kind = int(keys[0].numel()), self.kind
-            self.entry = _entry(keys, f"{kind}:{nprobe}", lambda: FaissBackend(dim, kind, keys.device, nprobe))
+            self.entry = _entry(keys, kind, lambda: FaissBackend(dim, kind, keys.device))
             backend = self.entry.backend
             assert backend is not None
             with self.entry.lock:
@@ -280,7 +282,7 @@ class ShortlistIndex:
         sorted_blocks = is_sorted(self.cand.block)
         k = self.shortlist_k
         while True:
-            ids, vals = self.backend.search(qv, k)
+            ids, vals = self.backend.search(qv, k, self.nprobe)
             complete = self.backend.ntotal <= k
             found = ids[(ids >= 0) & (ids < n_big)].to(device)
             listed = torch.unique(torch.cat([found, rest]))
