@@ -10,7 +10,9 @@ from mplus_agents.index.exact import ExactIndex
 from mplus_agents.index.shortlist import FaissIndex, ShortlistIndex, clear_cache, faiss_available
 
 AUTO_MIN_TOKENS = 32768
-"""`auto` shortlists from this many long-term tokens per layer; below it the exact path is as fast."""
+"""`auto` uses the proven torch shortlist from this many long-term tokens per layer. Measured against exact
+(benchmarks/retrieval_bench.py, `max_z`, top-1,024 in blocks of 64): 1.59x the time at 10k, 1.07x at 20k,
+0.93x at 40k, 0.78x at 100k, 0.50x at 1M. `auto` never picks an approximate index."""
 
 __all__ = [
     "AUTO_MIN_TOKENS",
