@@ -153,6 +153,18 @@ def test_ivf_is_approximate_but_mostly_finds_the_reference_blocks() -> None:
     assert len(want & set(got.tolist())) / len(want) >= 0.5
 
 
+def test_ivf_retrains_when_the_store_outgrows_its_lists() -> None:
+    full = random_candidates(9000, 0, 8, seed=31)
+    buffer = full.keys[0]
+    small = LayerCandidates([buffer[:1000]], full.block[:1000], full.age[:1000])
+    first = FaissIndex(small, "ivf").backend
+    assert isinstance(first, FaissBackend) and first.trained_on == 1000
+    grown = FaissIndex(LayerCandidates([buffer[:5000]], full.block[:5000], full.age[:5000]), "ivf").backend
+    assert grown is first and first.ntotal == 5000  # same buffer, rows added to the trained lists
+    big = FaissIndex(full, "ivf").backend
+    assert isinstance(big, FaissBackend) and big is not first and big.trained_on == 9000 and big.ntotal == 9000
+
+
 def test_missing_faiss_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` sees when faiss is not installed
     with pytest.raises(ImportError, match=r"mplus-agents\[faiss\]"):

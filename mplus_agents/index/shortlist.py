@@ -39,6 +39,7 @@ from mplus_agents.index.base import (
 
 FAISS_HINT = "the faiss long-term index needs faiss: pip install 'mplus-agents[faiss]' (or faiss-gpu for CUDA)"
 STAT_SNAPSHOTS = 4
+RETRAIN_GROWTH = 8
 CACHE_ENTRIES = 256
 """Backends kept (one per layer and store buffer): 30 layers of ~8 users."""
 
@@ -102,6 +103,8 @@ class FaissBackend:
         self.faiss = import_faiss()
         self.kind, self.dim = kind, dim
         self.nlist = 0
+        self.trained_on = 0
+        """Rows the IVF lists were trained for; `RETRAIN_GROWTH` times more and the index is rebuilt."""
         self.approximate = kind == "faiss_ivf"
         self.index: Any = None
         self.device = device
@@ -127,7 +130,7 @@ class FaissBackend:
             sample = x[:: max(1, x.shape[0] // (48 * nlist))]  # faiss wants >= 39 points per list
             index.cp.niter = 10  # k-means on a sample only seeds the lists; recall is measured, not assumed
             index.train(sample)
-            self.nlist = nlist
+            self.nlist, self.trained_on = nlist, int(x.shape[0])
             self.index = self._to_device(index)
         self.index.add(x)
 
@@ -226,9 +229,13 @@ class ShortlistIndex:
         else:
             dim, kind = int(keys[0].numel()), self.kind
             self.entry = _entry(keys, kind, lambda: FaissBackend(dim, kind, keys.device))
-            backend = self.entry.backend
-            assert backend is not None
             with self.entry.lock:
+                backend = self.entry.backend
+                assert isinstance(backend, FaissBackend)
+                if backend.approximate and n > RETRAIN_GROWTH * max(backend.trained_on, 1):
+                    # Lists trained for a much smaller store grow long and slow: retrain on what is there now.
+                    backend = self.entry.backend = FaissBackend(dim, kind, keys.device)
+                    self.entry.rows = 0
                 if n > self.entry.rows:
                     backend.add(keys[self.entry.rows : n])
                     self.entry.rows = n
