@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
-from mplus_agents.index import LayerCandidates, LTMIndex, make_index
+from mplus_agents.index import LayerCandidates, LTMIndex, ShortlistIndex, approximate_shared_select, make_index
 from mplus_agents.lexical import bm25_block_scores
 from mplus_agents.lora import UPDATE, LoRA
 from mplus_agents.ops import KeyFn, add_to_pool
@@ -445,6 +445,11 @@ class Engine:
         v = torch.cat([sink.v, state.pool.v.to(sink.v.dtype)], dim=1)
         with layer_hooks(self.arch, pre=pre), contextlib.suppress(_PrePassDone):
             self.forward(self._rope_cache(k, v), ids, k.shape[1])
+        if cand.index_kind == "faiss_ivf" and lexical is None and cfg.scorer != "retriever":  # approximate, opt-in
+            layer_index = {layer: cast(ShortlistIndex, cand.index(layer)) for layer in queries}
+            got = approximate_shared_select(layer_index, queries, _latent_scorer(cfg.scorer), cfg.retrieve_tokens)
+            if got is not None:
+                return got
         total = torch.zeros(len(cand), dtype=torch.float32, device=cand.parts[0].k.device)
         for layer, q in queries.items():
             # Layers score on different scales; standardise so each layer gets one vote of equal weight.

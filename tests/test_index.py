@@ -16,10 +16,18 @@ import pytest
 import torch
 
 from mplus_agents import MemoryConfig, MPlusLLM, ops
-from mplus_agents.index import AUTO_MIN_TOKENS, ExactIndex, FaissIndex, LayerCandidates, ShortlistIndex, make_index
+from mplus_agents.index import (
+    AUTO_MIN_TOKENS,
+    ExactIndex,
+    FaissIndex,
+    LayerCandidates,
+    ShortlistIndex,
+    approximate_shared_select,
+    make_index,
+)
 from mplus_agents.index.base import KeyStats, ScoreContext, certified_select, query_vectors
 from mplus_agents.index.shortlist import _CACHE, FaissBackend, import_faiss
-from mplus_agents.retrieval import head_mean_logits
+from mplus_agents.retrieval import head_mean_logits, select_tokens
 from mplus_agents.state import MemoryState, TokenStore
 from tests.conftest import CharTokenizer, tiny_llama
 
@@ -310,3 +318,57 @@ def test_make_index_auto_shortlists_only_large_stores() -> None:
     assert torch.equal(index.select(q, "max_z", 64, exact=True), ExactIndex(large).select(q, "max_z", 64, exact=True))
     with pytest.raises(ValueError, match="unknown"):
         make_index("nope", cand)
+
+
+# ------------------------------------------------------------------------------------ shared selection
+
+
+def _shared_reference(cands: dict[int, LayerCandidates], queries: dict[int, torch.Tensor], budget: int) -> torch.Tensor:
+    """What `Engine._shared_selection` computes: the sum of each layer's standardised exact scores."""
+    first = next(iter(cands.values()))
+    total = torch.zeros(len(first))
+    for layer, cand in cands.items():
+        s = ExactIndex(cand).scores(queries[layer], "max_z")
+        total += (s - s.mean()) / (s.std() + 1e-6)
+    return select_tokens(total, first.block, first.age, budget, exact=False)
+
+
+def _shared_inputs(n: int, seed: int) -> tuple[dict[int, LayerCandidates], dict[int, torch.Tensor]]:
+    base = random_candidates(n, 0, 8, seed)
+    other = random_candidates(n, 0, 8, seed + 1)
+    cands = {3: base, 5: LayerCandidates(other.keys, base.block, base.age)}
+    return cands, {3: random_q(5, seed + 2), 5: random_q(5, seed + 3)}
+
+
+def test_approximate_shared_selection_is_exact_when_it_sees_everything() -> None:
+    cands, queries = _shared_inputs(600, seed=41)
+    indexes = {layer: FaissIndex(c, "ivf", shortlist_k=600, nprobe=64) for layer, c in cands.items()}
+    got = approximate_shared_select(indexes, queries, "max_z", 64)
+    assert got is not None and torch.equal(got, _shared_reference(cands, queries, 64))
+
+
+def test_approximate_shared_selection_recall() -> None:
+    cands, queries = _shared_inputs(30000, seed=43)
+    indexes = {layer: FaissIndex(c, "ivf", shortlist_k=128, nprobe=16) for layer, c in cands.items()}
+    got = approximate_shared_select(indexes, queries, "max_z", 128, sample=2048)
+    want = _shared_reference(cands, queries, 128)
+    assert got is not None and 0 < got.numel() <= 128
+    assert len(set(got.tolist()) & set(want.tolist())) / want.numel() >= 0.5
+
+
+def test_shared_read_with_faiss_ivf_equals_exact_on_a_small_store() -> None:
+    base = MemoryConfig(pool_size=64, chunk_size=32, min_chunk=8, retrieve_tokens=16, block_size=4, score_layers=(1, 2))
+    llm = MPlusLLM(tiny_llama(), CharTokenizer(), base)
+    mem = llm.new_memory()
+    for i in range(6):
+        mem.inject(f"turn {i}: word {'abcdef'[i] * 4} and filler")
+    assert base.retrieve_tokens < len(mem.state.ltm) <= 128  # k'=128 lists every merged token
+    prompt = torch.tensor(llm.encode("which word"))
+    blocks = {}
+    for kind in ("exact", "faiss_ivf"):
+        cfg = base.replace(ltm_index=kind)
+        state = dataclasses.replace(mem.state, config=cfg)
+        with torch.no_grad():
+            _, _, _, info = llm.engine.read(state, llm.sink(cfg), prompt, torch.arange(prompt.numel()))
+        blocks[kind] = info.retrieved_blocks
+    assert blocks["faiss_ivf"] == blocks["exact"] and blocks["exact"][0]

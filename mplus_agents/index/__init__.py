@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from mplus_agents.index.base import LayerCandidates, LTMIndex
 from mplus_agents.index.exact import ExactIndex
-from mplus_agents.index.shortlist import FaissIndex, ShortlistIndex, clear_cache, faiss_available
+from mplus_agents.index.shortlist import (
+    FaissIndex,
+    ShortlistIndex,
+    approximate_shared_select,
+    clear_cache,
+    faiss_available,
+)
 
 AUTO_MIN_TOKENS = 32768
 """`auto` uses the proven torch shortlist from this many long-term tokens per layer. Measured against exact
@@ -21,6 +27,7 @@ __all__ = [
     "LTMIndex",
     "LayerCandidates",
     "ShortlistIndex",
+    "approximate_shared_select",
     "clear_cache",
     "faiss_available",
     "make_index",

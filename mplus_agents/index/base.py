@@ -225,6 +225,8 @@ def certified_select(
 ) -> torch.Tensor | None:
     """`select_tokens` over all candidates, computed from the listed ones; None when that cannot be proven.
 
+    ctx: anything with `.cand` and `.subset(index) -> exact scores` (a `ScoreContext`, or a layer combination).
+
     listed: ascending unique candidate indices. bound: no unlisted candidate scores above it. With
     `trust_order` (an approximate shortlist) the bound is ignored: the listed blocks are taken as the ranking,
     and only a shortlist too small to fill the budget gives None.

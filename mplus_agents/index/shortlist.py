@@ -313,3 +313,64 @@ class FaissIndex(ShortlistIndex):
             raise ValueError(f"FaissIndex kind must be 'flat' or 'ivf', got {kind!r}")
         import_faiss()
         super().__init__(cand, "faiss" if kind == "flat" else "faiss_ivf", **kw)
+
+
+class _SharedTotal:
+    """Scores of the `shared` selection for any candidate subset: the sum over scoring layers of each layer's
+    exact score, standardised with that layer's mean and std over all candidates (estimated, see below)."""
+
+    def __init__(self, cand: LayerCandidates, parts: list[tuple[ScoreContext, float, float]]) -> None:
+        self.cand, self.parts = cand, parts
+
+    def subset(self, index: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(index.numel(), dtype=torch.float32, device=index.device)
+        for ctx, mean, std in self.parts:
+            total += (ctx.subset(index).to(total.device) - mean) / (std + 1e-6)
+        return total
+
+
+def approximate_shared_select(
+    indexes: dict[int, ShortlistIndex],
+    queries: dict[int, torch.Tensor],
+    scorer: str,
+    budget: int,
+    *,
+    sample: int = 4096,
+) -> torch.Tensor | None:
+    """The engine's `shared` selection (one block choice from several scoring layers) through IVF shortlists.
+
+    Approximate twice over, so only for `ltm_index="faiss_ivf"`: the candidates are the union of every layer's
+    IVF shortlist, and each layer's standardisation (mean and std of its scores over ALL candidates, which no
+    shortlist can give for a max over query tokens) is estimated on a fixed sample of `sample` candidates
+    scored exactly; with `sample` >= the store it is exact. None when the exact path must answer (no store to
+    search, or the shortlists do not fill the budget).
+    """
+    first = next(iter(indexes.values()))
+    cand = first.cand
+    n = len(cand)
+    if n <= budget or any(ix.big is None or ix.backend is None for ix in indexes.values()):
+        return None
+    assert first.big is not None
+    n_big = int(first.big.shape[0])
+    device = cand.block.device
+    found = [torch.arange(n_big, n, device=device)]
+    if n <= sample:
+        probe = torch.arange(n, device=device)
+    else:  # a fixed, evenly spread sample: the same candidates for every layer and every read of this store
+        probe = torch.linspace(0, n - 1, sample, device=device).long().unique()
+    parts = []
+    for layer, index in indexes.items():
+        q = queries[layer]
+        assert index.backend is not None and index.big is not None
+        ctx = ScoreContext(index.cand, q, scorer, index._stats() if scorer == "max_z" else None)
+        qv = query_vectors(q, int(index.big.shape[1]), scorer)
+        ids, _ = index.backend.search(qv, index.shortlist_k, index.nprobe)
+        found.append(ids[(ids >= 0) & (ids < n_big)].to(device))
+        s = ctx.subset(probe)
+        parts.append((ctx, float(s.mean()), float(s.std()) if s.numel() > 1 else 1.0))
+    listed = torch.unique(torch.cat(found))
+    total = _SharedTotal(cand, parts)
+    return certified_select(
+        total,  # type: ignore[arg-type]
+        listed, -math.inf, budget, exact=False, sorted_blocks=is_sorted(cand.block), trust_order=True,
+    )
