@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from mplus_agents.ops import order_oldest_first
-from mplus_agents.retrieval import head_mean_logits, max_standardized, select_tokens, token_scores
+from mplus_agents.retrieval import head_mean_logits, max_z_scores, select_tokens, token_scores
 
 
 @runtime_checkable
@@ -81,8 +81,8 @@ def exact_scores(cand: LayerCandidates, q: torch.Tensor, scorer: str) -> torch.T
     parts = [k for k in cand.keys if k.shape[0]]
     if not parts:
         return torch.zeros(0, dtype=torch.float32)
-    if scorer == "max_z":  # standardised over all candidates, so the parts' logits are joined first
-        return max_standardized(torch.cat([head_mean_logits(q.to(k.device), k) for k in parts], 1))
+    if scorer == "max_z":  # standardised over all candidates (on CUDA: the fused kernel when available)
+        return max_z_scores(q, parts)
     return torch.cat([token_scores(q.to(k.device), k, scorer) for k in parts])
 
 
