@@ -44,7 +44,15 @@ from conversation import filler_turns  # noqa: E402
 
 from mplus_agents import MPlusLLM  # noqa: E402
 from mplus_agents.hf.hooks import capture_kv, layer_hooks  # noqa: E402
-from mplus_agents.index import ExactIndex, FaissIndex, LayerCandidates, ShortlistIndex, clear_cache  # noqa: E402
+from mplus_agents.index import (  # noqa: E402
+    ExactIndex,
+    FaissIndex,
+    LayerCandidates,
+    ShortlistIndex,
+    approximate_shared_select,
+    clear_cache,
+)
+from mplus_agents.retrieval import select_tokens  # noqa: E402
 
 QUESTIONS = [
     "By the way, what did I tell you the code for my bike locker at the station was?",
@@ -54,10 +62,12 @@ QUESTIONS = [
 ]
 
 
-def real_keys_and_queries(layer: int, text_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """[n, kv, hd] pre-RoPE keys of chat filler and [T, heads, hd] pre-RoPE queries of each question, one layer.
+def real_keys_and_queries(
+    layers: list[int], text_tokens: int
+) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Per layer: [n, kv, hd] pre-RoPE keys of chat filler and [T, heads, hd] pre-RoPE queries of each question.
 
-    Each question is read after the filler in the same pass (its queries see the text, as at a real read).
+    Each question is read after the filler (its queries see the text, as at a real read).
     """
     llm = MPlusLLM.from_default()
     turns = filler_turns(0, [])
@@ -65,24 +75,24 @@ def real_keys_and_queries(layer: int, text_tokens: int) -> tuple[torch.Tensor, l
     while len(ids) < text_tokens:
         ids += llm.encode("user: " + next(turns) + "\n")
     ids = ids[:text_tokens]
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[int, torch.Tensor] = {}
 
     def pre(index: int, hidden: torch.Tensor) -> None:
-        if index == layer:
-            seen["hidden"] = hidden
+        if index in layers:
+            seen[index] = hidden
 
     with torch.no_grad(), capture_kv(llm.engine.arch) as (keys, _), layer_hooks(llm.engine.arch, pre=pre):
         cache = DynamicCache()
         llm.engine.forward(cache, torch.tensor(ids), 0)
-    k = keys[layer]  # type: ignore[index]
-    queries = []
+    queries: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for text in QUESTIONS:
         question = llm.encode(text)
         with torch.no_grad(), layer_hooks(llm.engine.arch, pre=pre):
             llm.engine.forward(copy.deepcopy(cache), torch.tensor(question), len(ids))
-            q = llm.engine._queries(layer, seen["hidden"], torch.arange(len(question)), "max_z")
-        queries.append(q.float().contiguous())
-    return k.float().contiguous(), queries
+            for layer in layers:
+                q = llm.engine._queries(layer, seen[layer], torch.arange(len(question)), "max_z")
+                queries[layer].append(q.float().contiguous())
+    return {layer: (keys[layer].float().contiguous(), queries[layer]) for layer in layers}  # type: ignore[index, union-attr]
 
 
 def synth_store(real: torch.Tensor, n: int, block: int, seed: int) -> torch.Tensor:
@@ -115,6 +125,8 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: torch's)")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64], help="IVF lists probed")
+    parser.add_argument("--shared-layers", type=int, nargs="*", default=[],
+                        help="also time a `shared` selection over these scoring layers (exact vs IVF)")
     parser.add_argument("--no-faiss-flat", action="store_true", help="skip the faiss flat copy (saves RAM)")
     parser.add_argument("--out", default="retrieval_bench")
     args = parser.parse_args()
@@ -126,7 +138,8 @@ def main() -> None:
         faiss.omp_set_num_threads(args.threads)
     load_before = os.getloadavg()
 
-    real, queries = real_keys_and_queries(args.layer, args.text_tokens)
+    per_layer = real_keys_and_queries(sorted({args.layer, *args.shared_layers}), args.text_tokens)
+    real, queries = per_layer[args.layer]
     shapes = [tuple(q.shape) for q in queries]
     print(f"real keys {tuple(real.shape)}, queries {shapes}, torch threads {torch.get_num_threads()}")
     rows: list[dict[str, Any]] = []
@@ -186,6 +199,8 @@ def main() -> None:
                 print(rows[-1], flush=True)
         indexes.clear()
         variants.clear()
+        if args.shared_layers:
+            rows += bench_shared(args, per_layer, n)
     header = ["tokens", "scorer", "variant", "ms/layer (median)", "x exact", "recall (mean/min)", "identical",
               "build ms"]
     table = [[r["tokens"], r["scorer"], r["variant"], r["ms_median"], r["ratio_to_exact"],
@@ -198,6 +213,65 @@ def main() -> None:
     write_json(RESULTS / f"{args.out}.json", info)
     print(f"load average before {load_before}, after {os.getloadavg()} (2 cores shared)")
     plot(rows, RESULTS / f"{args.out}.png")
+
+
+def bench_shared(
+    args: argparse.Namespace, per_layer: dict[int, tuple[torch.Tensor, list[torch.Tensor]]], n: int
+) -> list[dict[str, Any]]:
+    """The engine's `shared` selection over several scoring layers: exact (every token of every layer, summed
+    standardised scores) against `approximate_shared_select` on IVF indexes. Same runs of real keys per layer
+    (one synthetic store, several layers), so a block means the same text in every layer."""
+    clear_cache()
+    gc.collect()
+    layers = list(args.shared_layers)
+    block = torch.arange(n) // args.block_size
+    age = torch.arange(n - 1, -1, -1)
+    cands = {layer: LayerCandidates([synth_store(per_layer[layer][0], n, args.block_size, seed=n)], block, age)
+             for layer in layers}
+    nq = len(QUESTIONS)
+
+    def exact(qi: int) -> torch.Tensor:
+        total = torch.zeros(n)
+        for layer in layers:
+            s = ExactIndex(cands[layer]).scores(per_layer[layer][1][qi], "max_z")
+            total += (s - s.mean()) / (s.std() + 1e-6)
+        return select_tokens(total, block, age, args.budget, exact=False)
+
+    def ivf(nprobe: int, qi: int) -> torch.Tensor | None:
+        indexes: dict[int, ShortlistIndex] = {layer: FaissIndex(cands[layer], "ivf", nprobe=nprobe) for layer in layers}
+        queries = {layer: per_layer[layer][1][qi] for layer in layers}
+        return approximate_shared_select(indexes, queries, "max_z", args.budget)
+
+    build, _ = timed(partial(ivf, args.nprobe[0], 0))
+    variants: dict[str, Any] = {f"shared exact ({len(layers)} layers)": exact}
+    variants.update({f"shared faiss IVF nprobe {p} ({len(layers)} layers)": partial(ivf, p) for p in args.nprobe})
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    results: dict[tuple[str, int], torch.Tensor | None] = {}
+    for _ in range(args.repeats):
+        for qi in range(nq):
+            for name, fn in variants.items():
+                ms, results[name, qi] = timed(partial(fn, qi))
+                times[name].append(ms)
+    base = statistics.median(times[next(iter(variants))])
+    rows = []
+    for name in variants:
+        recalls, same = [], True
+        for qi in range(nq):
+            want, got = results[next(iter(variants)), qi], results[name, qi]
+            assert want is not None
+            got_list = [] if got is None else got.tolist()
+            recalls.append(len(set(want.tolist()) & set(got_list)) / want.numel())
+            same = same and got is not None and torch.equal(got, want)
+        med = statistics.median(times[name])
+        rows.append({
+            "tokens": n, "scorer": "max_z", "variant": name, "ms_median": round(med, 2),
+            "ms_min": round(min(times[name]), 2), "ratio_to_exact": round(med / base, 3),
+            "recall": round(statistics.mean(recalls), 4), "recall_min": round(min(recalls), 4), "identical": same,
+            "build_ms": round(build, 1) if "IVF" in name else 0.0, "fallbacks": 0,
+        })
+        print(rows[-1], flush=True)
+    cands.clear()
+    return rows
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
