@@ -15,17 +15,26 @@ import math
 
 import torch
 
+from mplus_agents import quant
 from mplus_agents.ops import order_oldest_first
 
 SCORE_CHUNK = 65536
 """Candidates scored per matmul, which bounds the [T, heads, chunk] temporary."""
+QUANT_CHUNK = 8192
+"""int8 keys dequantised per step (a float32 temporary of QUANT_CHUNK x kv_heads x head_dim, 6 MB on SmolLM2)."""
 
 
-def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
+def _chunk(k: torch.Tensor, k_scale: torch.Tensor | None, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    if k_scale is None:
+        return k[start:stop]
+    return quant.dequantize(k[start:stop], k_scale[start:stop], dtype)
+
+
+def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Score each candidate key against a set of queries.
 
     q: [T, heads, head_dim] pre-RoPE queries of the prompt's query tokens.
-    k: [n, kv_heads, head_dim] pre-RoPE candidate keys.
+    k: [n, kv_heads, head_dim] pre-RoPE candidate keys (float, or int8 with `k_scale` [n, kv_heads]).
     Returns [n] float32 scores.
     """
     t, heads, head_dim = q.shape
@@ -35,18 +44,21 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
     groups = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim)
     out = torch.empty(n, dtype=torch.float32, device=k.device)
+    step = QUANT_CHUNK if k_scale is not None else SCORE_CHUNK
     if scorer == "max_logit":
-        for start in range(0, n, SCORE_CHUNK):
-            out[start : start + SCORE_CHUNK] = head_mean_logits(q, k[start : start + SCORE_CHUNK]).amax(dim=0)
+        for start in range(0, n, step):
+            sc = None if k_scale is None else k_scale[start : start + step]
+            out[start : start + step] = head_mean_logits(q, k[start : start + step], sc).amax(dim=0)
         return out
     if scorer == "max_z":
-        return max_standardized(head_mean_logits(q, k))
+        return max_standardized(head_mean_logits(q, k, k_scale))
     if scorer != "sigmoid_mean":
         raise ValueError(f"unknown scorer {scorer!r}")
     # sigmoid is not linear: one GEMM per KV head over the strided [n, head_dim] view (BLAS reads it in place).
-    qg = q.to(k.dtype).reshape(t, kv_heads, groups, head_dim)
-    for start in range(0, n, SCORE_CHUNK):
-        kc = k[start : start + SCORE_CHUNK]
+    kdtype = torch.float32 if k_scale is not None else k.dtype
+    qg = q.to(kdtype).reshape(t, kv_heads, groups, head_dim)
+    for start in range(0, n, step):
+        kc = _chunk(k, k_scale, start, start + step, kdtype)
         acc = torch.zeros(kc.shape[0], dtype=torch.float32, device=k.device)
         for h in range(kv_heads):
             logits = (qg[:, h].reshape(t * groups, head_dim) @ kc[:, h].T).float() * scale
@@ -55,18 +67,26 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
     return out
 
 
-def head_mean_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def head_mean_logits(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """[T, n] float32: mean over query heads of q.k/sqrt(head_dim), each query head against its KV head.
 
     The head mean is linear, so it folds into the query: mean_h q_h.k_h = (q_bar . k_flat) / kv_heads with
     q_bar the group-mean query per KV head. One contiguous GEMM [T, kv*hd] x [kv*hd, n], no copies of k.
+    int8 keys (with `k_scale` [n, kv_heads]) are dequantised `QUANT_CHUNK` rows at a time instead.
     """
     t, heads, head_dim = q.shape
     n, kv_heads, _ = k.shape
     groups = heads // kv_heads
     q_bar = q.reshape(t, kv_heads, groups, head_dim).mean(dim=2).reshape(t, kv_heads * head_dim)
-    q_bar = (q_bar * (1.0 / (math.sqrt(head_dim) * kv_heads))).to(k.dtype)
-    return (q_bar @ k.reshape(n, kv_heads * head_dim).T).float()
+    q_bar = q_bar * (1.0 / (math.sqrt(head_dim) * kv_heads))
+    if k_scale is None:
+        return (q_bar.to(k.dtype) @ k.reshape(n, kv_heads * head_dim).T).float()
+    q_bar = q_bar.float()
+    out = torch.empty(t, n, dtype=torch.float32, device=k.device)
+    for start in range(0, n, QUANT_CHUNK):
+        kc = quant.dequantize(k[start : start + QUANT_CHUNK], k_scale[start : start + QUANT_CHUNK])
+        out[:, start : start + kc.shape[0]] = q_bar @ kc.reshape(kc.shape[0], kv_heads * head_dim).T
+    return out
 
 
 def max_standardized(logits: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from mplus_agents import quant
 from mplus_agents.config import MemoryConfig
 
-OPTIONAL_FIELDS = ("hidden", "score_key", "rf")
-GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key")
+OPTIONAL_FIELDS = ("hidden", "score_key", "rf", *quant.SCALE_FIELDS)
+GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key", *quant.SCALE_FIELDS)
 """Fields kept in growth buffers by `TokenStore.append`; ages and recall counters change on every update anyway."""
 MIN_CAPACITY = 1024
 
@@ -58,6 +59,12 @@ class TokenStore:
     """[L, n, d_proj] keys of a trained retriever, computed once when the token is dropped (SPEC 4.3)."""
     rf: torch.Tensor | None = None
     """[L, n] float32 recall frequencies (long-term store only)."""
+    k_scale: torch.Tensor | None = None
+    """[L, n, kv_heads] float32 scales when `k` is stored as int8 (`mplus_agents.quant`)."""
+    v_scale: torch.Tensor | None = None
+    """[L, n, kv_heads] float32 scales when `v` is stored as int8."""
+    hidden_scale: torch.Tensor | None = None
+    """[L, n] float32 scales when `hidden` is stored as int8."""
     growth: Growth | None = field(default=None, repr=False, compare=False)
     """Private: spare capacity for `append` (not data; never persisted)."""
 
@@ -77,14 +84,19 @@ class TokenStore:
         def z(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
             return torch.zeros(layers, 0, *shape, dtype=dt, device=device)
 
+        int8 = quant.is_quantized(dtype)
+        scale = quant.SCALE_DTYPE
         return cls(
             k=z(kv_heads, head_dim),
             v=z(kv_heads, head_dim),
             age=torch.zeros(layers, 0, dtype=torch.int64, device=device),
             block=torch.zeros(layers, 0, dtype=torch.int64, device=device),
             hidden=z(hidden_size) if hidden_size is not None else None,
-            score_key=z(score_dim) if score_dim is not None else None,
+            score_key=z(score_dim, dt=torch.float32 if int8 else dtype) if score_dim is not None else None,
             rf=torch.zeros(layers, 0, dtype=torch.float32, device=device) if with_rf else None,
+            k_scale=z(kv_heads, dt=scale) if int8 else None,
+            v_scale=z(kv_heads, dt=scale) if int8 else None,
+            hidden_scale=z(dt=scale) if int8 and hidden_size is not None else None,
         )
 
     @classmethod
@@ -101,6 +113,9 @@ class TokenStore:
             hidden=fields_.get("hidden"),
             score_key=fields_.get("score_key"),
             rf=fields_.get("rf"),
+            k_scale=fields_.get("k_scale"),
+            v_scale=fields_.get("v_scale"),
+            hidden_scale=fields_.get("hidden_scale"),
             growth=growth,
         )
 
@@ -110,6 +125,28 @@ class TokenStore:
     @property
     def layers(self) -> int:
         return int(self.k.shape[0])
+
+    @property
+    def quantized(self) -> bool:
+        """True when `k`/`v` (and `hidden`) are int8 with per-row scales beside them."""
+        return quant.is_quantized(self.k)
+
+    def scale(self, name: str, layer: int) -> torch.Tensor | None:
+        """The int8 scales of field `name` in one layer, or None when that field is stored in float."""
+        s = getattr(self, quant.scale_name(name), None) if name in quant.QUANT_FIELDS else None
+        return None if s is None else s[layer]
+
+    def rows(self, name: str, layer: int, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows `index` of field `name` in one layer, dequantised (to `dtype`, default float32) if int8.
+
+        This is how a read gathers from a compressed or memory-mapped store: only the chosen rows are
+        touched and converted, never the whole field.
+        """
+        t = getattr(self, name)[layer, index]
+        s = self.scale(name, layer)
+        if s is not None:
+            return quant.dequantize(t, s[index], dtype or torch.float32)
+        return t if dtype is None else t.to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -170,10 +207,26 @@ class TokenStore:
         return TokenStore.from_fields({n: torch.cat([mine[n], theirs[n].to(mine[n].dtype)], dim=1) for n in mine})
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> TokenStore:
-        """Move to a device; cast only the floating vectors (ages, ids and counters keep their types)."""
+        """Move to a device; cast only the floating vectors (ages, ids and counters keep their types).
+
+        `dtype=torch.int8` quantises `k`, `v` and `hidden` (adding their scales, `mplus_agents.quant`); a
+        float `dtype` on a quantised store dequantises them and drops the scales.
+        """
+        fields_ = self.tensors()
+        if dtype is not None and quant.is_quantized(dtype) != self.quantized:
+            if self.quantized:
+                for name in quant.QUANT_FIELDS:
+                    if name in fields_:
+                        fields_[name] = quant.dequantize(fields_[name], fields_.pop(quant.scale_name(name)), dtype)
+            else:
+                for name in quant.QUANT_FIELDS:
+                    if name in fields_:
+                        fields_[name], fields_[quant.scale_name(name)] = quant.quantize(fields_[name])
         out = {}
-        for name, t in self.tensors().items():
+        for name, t in fields_.items():
             cast = dtype if (dtype is not None and name in ("k", "v", "hidden", "score_key")) else None
+            if cast is not None and (quant.is_quantized(t) != quant.is_quantized(cast)):
+                cast = None  # score_key stays float in an int8 store; int8 fields are already converted
             out[name] = t.to(device=device if device is not None else t.device, dtype=cast or t.dtype)
         return TokenStore.from_fields(out)
 
