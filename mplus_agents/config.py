@@ -17,7 +17,7 @@ from typing import Any, Literal
 Source = Literal["input", "output"]
 DropPolicy = Literal["random", "oldest"]
 Selection = Literal["shared", "per_layer"]
-Scorer = Literal["sigmoid_mean", "max_logit", "max_z"]
+Scorer = Literal["sigmoid_mean", "max_logit", "max_z", "retriever"]
 
 
 AUTO_SCORE_LAYERS = 5
@@ -67,7 +67,8 @@ class MemoryConfig:
     scorer: Scorer = "max_z"
     """Training-free score on pre-RoPE q.k: `sigmoid_mean` (SPEC 4.5's formula), `max_logit` (best query token)
     or `max_z` (best query token after standardising each token's logits over all candidates, an IDF-like
-    correction; at 16k tokens of chat it read the fact's block 8/18 times against 6/18 for `max_logit`)."""
+    correction; at 16k tokens of chat it read the fact's block 8/18 times against 6/18 for `max_logit`), or
+    `retriever`: the model's trained f_q / f_k projectors with SPEC 4.5's mean of sigmoids."""
     score_layers: tuple[int, ...] | None = None
     """Layers whose queries score long-term blocks in `shared` mode. None: `auto_score_layers`, five layers in
     40%-80% of the depth, which select as well as all layers at a sixth of the cost."""

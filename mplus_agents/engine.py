@@ -22,7 +22,8 @@ from transformers import DynamicCache
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
 from mplus_agents.ops import KeyFn, add_to_pool
-from mplus_agents.retrieval import head_mean_logits, max_standardized, select_tokens, token_scores
+from mplus_agents.retrieval import head_mean_logits, max_standardized, projector_scores, select_tokens, token_scores
+from mplus_agents.retriever import Retriever, kv_features
 from mplus_agents.state import MemoryState, TokenStore
 
 
@@ -47,6 +48,8 @@ class MPlusWeights:
     """[L, 1, d] per-layer BOS vectors; default: the BOS token embedding in every layer."""
     new_memory_emb: torch.Tensor | None = None
     """[d] added to the last K positions of an injection pass at every layer."""
+    retriever: Retriever | None = None
+    """Trained f_q / f_k projectors (SPEC 4.5); used when the memory's scorer is `retriever`."""
 
 
 @dataclass
@@ -92,11 +95,19 @@ class Candidates:
         return self.offsets[-1]
 
     def scores(self, layer: int, q: torch.Tensor, scorer: str) -> torch.Tensor:
+        if scorer == "retriever":  # q holds f_q outputs [T, dim]; keys were projected once, at injection
+            return torch.cat([projector_scores(q.to(p.k.device), self._score_key(p)[layer]) for p in self.parts])
         if scorer == "max_z":  # standardised over all candidates, so the parts' logits are joined first
             return max_standardized(
                 torch.cat([head_mean_logits(q.to(p.k.device), p.k[layer], p.scale("k", layer)) for p in self.parts], 1)
             )
         return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer, p.scale("k", layer)) for p in self.parts])
+
+    @staticmethod
+    def _score_key(part: TokenStore) -> torch.Tensor:
+        if part.score_key is None:
+            raise ValueError("scorer='retriever' needs retriever keys, but this memory was written without a retriever")
+        return part.score_key
 
     def field(self, name: str, layer: int) -> torch.Tensor:
         return torch.cat([getattr(p, name)[layer] for p in self.parts])
@@ -188,6 +199,29 @@ class Engine:
 
     # ------------------------------------------------------------------ write path
 
+    def score_keys(self, new: TokenStore) -> torch.Tensor | None:
+        """Retriever keys f_k [L, n, dim] of new memory tokens, computed once when they are written."""
+        retriever = self.weights.retriever
+        if retriever is None:
+            return None
+        out = []
+        with torch.no_grad():
+            for layer in range(new.layers):
+                if retriever.key_input == "hidden":
+                    assert new.hidden is not None, "key_input='hidden' needs the output source's memory vectors"
+                    hidden = new.hidden[layer].to(device=self.arch.device, dtype=self.arch.dtype)
+                    features = self.arch.normed(layer, hidden)
+                else:
+                    features = kv_features(new.k[layer], new.v[layer])
+                out.append(retriever.keys(layer, features.to(self.arch.device)))
+        return torch.stack(out)
+
+    def _with_score_keys(self, new: TokenStore, pool: TokenStore) -> TokenStore:
+        keys = self.score_keys(new)
+        if keys is None or pool.score_key is None:
+            return new
+        return new.with_fields(score_key=keys.to(device=pool.score_key.device, dtype=pool.score_key.dtype))
+
     def inject_input(self, state: MemoryState, sink: Sink, ids: torch.Tensor) -> MemoryState:
         """`input` source: every chunk token becomes a memory token holding its exact K/V (DESIGN 3).
 
@@ -204,7 +238,7 @@ class Engine:
         v = torch.stack(values).to(pool.v.dtype)  # type: ignore[arg-type]
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
         new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone())
-        return add_to_pool(state, new)
+        return add_to_pool(state, self._with_score_keys(new, pool))
 
     def inject_output(
         self, state: MemoryState, sink: Sink, ids: torch.Tensor, *, key_fn: KeyFn | None = None
@@ -265,15 +299,21 @@ class Engine:
         k, v = k_new.to(pool.k.dtype), v_new.to(pool.v.dtype)
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
         new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone(), hidden=hidden_new.to(pool.hidden.dtype))
-        if pool.score_key is not None:
+        new = self._with_score_keys(new, pool)
+        if pool.score_key is not None and new.score_key is None:
             new.score_key = torch.zeros(k.shape[0], k.shape[1], pool.score_key.shape[-1], dtype=pool.score_key.dtype)
         return add_to_pool(state, new, key_fn=key_fn)
 
     # ------------------------------------------------------------------ read path
 
-    def _queries(self, layer: int, hidden: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-        x = hidden[0, query_index.to(hidden.device)]
-        return self.arch.q_from_normed(layer, self.arch.normed(layer, x))
+    def _queries(self, layer: int, hidden: torch.Tensor, query_index: torch.Tensor, scorer: str) -> torch.Tensor:
+        """What scores the long-term store at `layer`: pre-RoPE queries, or f_q outputs for the trained retriever."""
+        normed = self.arch.normed(layer, hidden[0, query_index.to(hidden.device)])
+        if scorer == "retriever":
+            if self.weights.retriever is None:
+                raise ValueError("scorer='retriever' needs a model with a trained retriever")
+            return self.weights.retriever.queries(layer, normed)
+        return self.arch.q_from_normed(layer, normed)
 
     def read(
         self, state: MemoryState, sink: Sink, ids: torch.Tensor, query_index: torch.Tensor
@@ -333,7 +373,7 @@ class Engine:
 
         def pre(layer: int, hidden: torch.Tensor) -> None:
             if layer in wanted:
-                queries[layer] = self._queries(layer, hidden, query_index)
+                queries[layer] = self._queries(layer, hidden, query_index, cfg.scorer)
             if layer == last:
                 raise _PrePassDone  # the layers above the last scoring layer are not needed
 
@@ -370,7 +410,7 @@ class Engine:
         blocks: list[list[int]] = []
 
         def pre(layer: int, hidden: torch.Tensor) -> None:
-            q = self._queries(layer, hidden, query_index)
+            q = self._queries(layer, hidden, query_index, cfg.scorer)
             scores = cand.scores(layer, q, cfg.scorer)
             index = select_tokens(scores, cand.field("block", layer), cand.field("age", layer), budget, exact=True)
             kl = apply_rope(cand.gather("k", layer, index).to(device=device, dtype=dtype), cos, sin)

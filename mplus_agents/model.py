@@ -167,10 +167,26 @@ class MPlusLLM:
         dtype, device = self.engine.arch.dtype, self.engine.arch.device
         ltm_dtype = getattr(torch, config.ltm_dtype) if config.ltm_dtype else dtype
         hidden = s.hidden_size if config.source == "output" else None
+        retriever = self.engine.weights.retriever
+        if config.scorer == "retriever" and retriever is None:
+            raise InvalidInputError("MemoryConfig(scorer='retriever') needs a model with a trained retriever")
+        if retriever is not None and (retriever.key_input == "hidden") != (config.source == "output"):
+            raise InvalidInputError(
+                f"this model's retriever reads {retriever.key_input!r} keys, which the {config.source!r} source "
+                "does not store"
+            )
+        score_dim = retriever.dim if retriever is not None else None
 
         def store(dt: torch.dtype, rf: bool) -> TokenStore:
             return TokenStore.empty(
-                s.layers, s.kv_heads, s.head_dim, dtype=dt, device=device, hidden_size=hidden, with_rf=rf
+                s.layers,
+                s.kv_heads,
+                s.head_dim,
+                dtype=dt,
+                device=device,
+                hidden_size=hidden,
+                score_dim=score_dim,
+                with_rf=rf,
             )
 
         return MemoryState(
