@@ -11,6 +11,7 @@ set changes, so rotation is applied when the prefix is assembled (DESIGN 4).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -22,6 +23,7 @@ OPTIONAL_FIELDS = ("hidden", "score_key", "rf", *quant.SCALE_FIELDS)
 GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key", *quant.SCALE_FIELDS)
 """Fields kept in growth buffers by `TokenStore.append`; ages and recall counters change on every update anyway."""
 MIN_CAPACITY = 1024
+Allocator = Callable[[list[int], torch.dtype], torch.Tensor]
 
 
 @dataclass
@@ -35,6 +37,9 @@ class Growth:
 
     data: dict[str, torch.Tensor]
     filled: int
+    allocate: Allocator | None = None
+    """Where new buffers come from (None: `torch.empty`). A store loaded memory-mapped gets
+    `mplus_agents.filemap.Spill.empty`, so growing it never pulls the whole store into anonymous RAM."""
 
     @property
     def capacity(self) -> int:
@@ -169,14 +174,14 @@ class TokenStore:
         g = self.growth
         if g is None or g.filled != n or n + m > g.capacity:
             capacity = max(MIN_CAPACITY, (3 * (n + m)) // 2)  # 1.5x: amortised O(1), at most 50% slack
+            allocate = g.allocate if g is not None else None
             data = {}
             for name in GROWN_FIELDS:
                 if name in mine:
                     t = mine[name]
-                    buf = torch.empty(t.shape[0], capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
-                    buf[:, :n] = t
-                    data[name] = buf
-            g = Growth(data, n)
+                    data[name] = self._buffer(allocate, [t.shape[0], capacity, *t.shape[2:]], t)
+                    data[name][:, :n] = t
+            g = Growth(data, n, allocate)
         out: dict[str, torch.Tensor] = {}
         for name, t in mine.items():
             if name in g.data:
@@ -187,17 +192,43 @@ class TokenStore:
         g.filled = n + m
         return TokenStore.from_fields(out, growth=g)
 
+    @staticmethod
+    def _buffer(allocate: Allocator | None, shape: list[int], like: torch.Tensor) -> torch.Tensor:
+        if allocate is not None and like.device.type == "cpu":
+            return allocate(shape, like.dtype)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
     def take(self, index: torch.Tensor) -> TokenStore:
-        """Gather tokens per layer; `index` is [L, m] (per-layer choice) or [m] (same for every layer)."""
-        if index.dim() == 1:
-            return TokenStore.from_fields({name: t[:, index] for name, t in self.tensors().items()})
+        """Gather tokens per layer; `index` is [L, m] (per-layer choice) or [m] (same for every layer).
 
-        def gather(t: torch.Tensor) -> torch.Tensor:
+        A store with a growth allocator (a memory-mapped one) gathers its big fields into new buffers from that
+        allocator, so an eviction does not move the store into anonymous RAM either.
+        """
+        allocate = self.growth.allocate if self.growth is not None else None
+
+        def gather(name: str, t: torch.Tensor) -> torch.Tensor:
             idx = index.to(t.device)
+            shape = [t.shape[0], idx.shape[-1], *t.shape[2:]]
+            out = self._buffer(allocate, shape, t) if name in GROWN_FIELDS else None
+            if idx.dim() == 1:
+                return t[:, idx] if out is None else torch.index_select(t, 1, idx, out=out)
             view = idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
-            return torch.gather(t, 1, view)
+            return torch.gather(t, 1, view) if out is None else torch.gather(t, 1, view, out=out)
 
-        return TokenStore.from_fields({name: gather(t) for name, t in self.tensors().items()})
+        out = {name: gather(name, t) for name, t in self.tensors().items()}
+        if allocate is None:
+            return TokenStore.from_fields(out)
+        grown = {name: out[name] for name in GROWN_FIELDS if name in out}
+        return TokenStore.from_fields(out, growth=Growth(grown, int(index.shape[-1]), allocate))
+
+    def spilled(self, allocate: Allocator) -> TokenStore:
+        """This store, unchanged, but growing (`append`) and gathering (`take`) into buffers from `allocate`.
+
+        Used on a store whose tensors are mapped from a file: its current tensors become a full growth buffer
+        (capacity = length), so the first append moves it into `allocate`d buffers and nothing writes the file.
+        """
+        data = {name: t for name, t in self.tensors().items() if name in GROWN_FIELDS}
+        return dataclasses.replace(self, growth=Growth(data, len(self), allocate))
 
     def cat(self, other: TokenStore) -> TokenStore:
         """Append `other` after `self`. Fields missing on one side are an error, not silently dropped."""
