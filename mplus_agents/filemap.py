@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,11 +42,16 @@ CODES = {
     "BOOL": torch.bool,
 }
 MAX_HEADER = 100 * 2**20
-READ_CHUNK = 4 * 2**20
+READ_CHUNK = 2**20
 
 
 class MappedFileError(MPlusError, ValueError):
     """A safetensors file whose header does not describe its bytes (truncated, corrupted, not safetensors)."""
+
+
+def _bytes(storage: Any) -> torch.Tensor:
+    """A uint8 tensor over a whole storage (typed loosely: `from_file`'s stub returns a storage base class)."""
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 @dataclass(frozen=True)
@@ -75,13 +81,13 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, Entry]]:
         metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
         entries: dict[str, Entry] = {}
         start = 8 + n
-        for name, e in header.items():
-            dtype = CODES[e["dtype"]]
-            shape = [int(d) for d in e["shape"]]
-            begin, end = (start + int(x) for x in e["data_offsets"])
+        for name, item in header.items():
+            dtype = CODES[item["dtype"]]
+            shape = [int(d) for d in item["shape"]]
+            begin, end = (start + int(x) for x in item["data_offsets"])
             entries[name] = Entry(dtype, shape, begin, end)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise MappedFileError(f"{path}: bad safetensors header ({e})") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise MappedFileError(f"{path}: bad safetensors header ({err})") from err
     for name, e in entries.items():
         item = torch.empty(0, dtype=e.dtype).element_size()
         if min(e.shape, default=0) < 0 or e.end - e.begin != math.prod(e.shape) * item or e.end > size:
@@ -94,7 +100,7 @@ def map_safetensors(path: str | Path) -> tuple[dict[str, str], dict[str, torch.T
     path = Path(path)
     metadata, entries = read_header(path)
     size = path.stat().st_size
-    base = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage.from_file(str(path), False, size))
+    base = _bytes(torch.UntypedStorage.from_file(str(path), False, size))
     out: dict[str, torch.Tensor] = {}
     for name, e in entries.items():
         if e.end == e.begin:
@@ -144,7 +150,7 @@ class Spill:
         finally:
             os.close(fd)
             os.unlink(name)
-        return torch.empty(0, dtype=torch.uint8).set_(storage).view(dtype).view(list(shape))
+        return _bytes(storage).view(dtype).view(list(shape))
 
 
 def file_backing(t: torch.Tensor) -> str | None:
