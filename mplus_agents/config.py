@@ -17,7 +17,7 @@ from typing import Any, Literal
 Source = Literal["input", "output"]
 DropPolicy = Literal["random", "oldest"]
 Selection = Literal["shared", "per_layer"]
-Scorer = Literal["sigmoid_mean", "max_logit", "max_z", "retriever"]
+Scorer = Literal["sigmoid_mean", "max_logit", "max_z", "retriever", "hybrid"]
 
 
 AUTO_SCORE_LAYERS = 5
@@ -68,7 +68,10 @@ class MemoryConfig:
     """Training-free score on pre-RoPE q.k: `sigmoid_mean` (SPEC 4.5's formula), `max_logit` (best query token)
     or `max_z` (best query token after standardising each token's logits over all candidates, an IDF-like
     correction; at 16k tokens of chat it read the fact's block 8/18 times against 6/18 for `max_logit`), or
-    `retriever`: the model's trained f_q / f_k projectors with SPEC 4.5's mean of sigmoids."""
+    `retriever`: the model's trained f_q / f_k projectors with SPEC 4.5's mean of sigmoids, or `hybrid`
+    (`input` source): `max_z` plus BM25 over the words the memory tokens were made from (`mplus_agents.lexical`)."""
+    lexical_weight: float = 1.0
+    """`hybrid` scorer: weight of the standardised BM25 block score against the standardised latent score."""
     score_layers: tuple[int, ...] | None = None
     """Layers whose queries score long-term blocks in `shared` mode. None: `auto_score_layers`, five layers in
     40%-80% of the depth, which select as well as all layers at a sixth of the cost."""
@@ -114,6 +117,10 @@ class MemoryConfig:
             raise ValueError(f"unknown memory source {self.source!r}")
         if self.ltm_decay < 0 or self.ltm_initial_rf <= 0:
             raise ValueError("ltm_decay must be >= 0 and ltm_initial_rf > 0")
+        if self.scorer == "hybrid" and self.source != "input":
+            raise ValueError("scorer='hybrid' needs the input source (its memory tokens are the injected tokens)")
+        if self.lexical_weight < 0:
+            raise ValueError("lexical_weight must be >= 0")
         if self.ltm_dtype not in (None, "float32", "bfloat16", "float16", "int8"):
             raise ValueError(f"ltm_dtype must be float32, bfloat16, float16 or int8, got {self.ltm_dtype!r}")
 

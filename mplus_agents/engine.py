@@ -21,6 +21,7 @@ from transformers import DynamicCache
 
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
+from mplus_agents.lexical import bm25_block_scores
 from mplus_agents.ops import KeyFn, add_to_pool
 from mplus_agents.retrieval import head_mean_logits, max_standardized, projector_scores, select_tokens, token_scores
 from mplus_agents.retriever import Retriever, kv_features
@@ -62,6 +63,15 @@ class ReadInfo:
     retrieved_tokens: int
     retrieved_blocks: list[list[int]] = field(default_factory=list)
     """Block ids retrieved, per layer (one entry for a `shared` selection)."""
+
+
+def _standardized(s: torch.Tensor) -> torch.Tensor:
+    return (s - s.mean()) / (s.std() + 1e-6) if s.numel() > 1 else s
+
+
+def _latent_scorer(scorer: str) -> str:
+    """The scorer of the latent part: `hybrid` adds lexical evidence to `max_z`."""
+    return "max_z" if scorer == "hybrid" else scorer
 
 
 def _split_pool(state: MemoryState) -> tuple[TokenStore, TokenStore | None]:
@@ -222,11 +232,14 @@ class Engine:
             return new
         return new.with_fields(score_key=keys.to(device=pool.score_key.device, dtype=pool.score_key.dtype))
 
-    def inject_input(self, state: MemoryState, sink: Sink, ids: torch.Tensor) -> MemoryState:
+    def inject_input(
+        self, state: MemoryState, sink: Sink, ids: torch.Tensor, words: torch.Tensor | None = None
+    ) -> MemoryState:
         """`input` source: every chunk token becomes a memory token holding its exact K/V (DESIGN 3).
 
         The chunk is encoded after [sink, newest `injection_context` pool tokens], so it reads like the
-        continuation of what was said just before it.
+        continuation of what was said just before it. `words` ([T] word ids, `Lexicon.word_ids`) are kept
+        with the tokens when the memory uses the `hybrid` scorer.
         """
         pool = state.pool
         width = min(state.config.injection_context, len(pool))
@@ -238,6 +251,10 @@ class Engine:
         v = torch.stack(values).to(pool.v.dtype)  # type: ignore[arg-type]
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
         new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone())
+        if pool.word is not None:
+            if words is None or words.numel() != ids.numel():
+                raise ValueError("this memory keeps word ids (scorer='hybrid'): pass one per injected token")
+            new.word = words.to(device=k.device, dtype=torch.int64).expand(k.shape[0], -1).clone()
         return add_to_pool(state, self._with_score_keys(new, pool))
 
     def inject_output(
@@ -316,12 +333,18 @@ class Engine:
         return self.arch.q_from_normed(layer, normed)
 
     def read(
-        self, state: MemoryState, sink: Sink, ids: torch.Tensor, query_index: torch.Tensor
+        self,
+        state: MemoryState,
+        sink: Sink,
+        ids: torch.Tensor,
+        query_index: torch.Tensor,
+        query_words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DynamicCache, int, ReadInfo]:
         """First forward of a generation with memory: retrieve, assemble the prefix, run the prompt.
 
         Returns the last-token logits, the filled cache, the next position and what was read.
-        `query_index` selects the prompt tokens whose queries score the long-term store.
+        `query_index` selects the prompt tokens whose queries score the long-term store; `query_words` are
+        the question's word ids for the `hybrid` scorer.
         """
         cfg = state.config
         pool, older = _split_pool(state)
@@ -331,11 +354,23 @@ class Engine:
         with torch.no_grad():
             if budget == 0 or query_index.numel() == 0:
                 return self._read_fixed(sink, None, pool, ids, [])
+            lexical = self._lexical(state, cand, query_words)
             if cfg.selection == "shared":
-                index = self._shared_selection(state, sink, cand, ids, query_index)
+                index = self._shared_selection(state, sink, cand, ids, query_index, lexical)
                 blocks = [sorted(set(cand.gather("block", 0, index).tolist()))]
                 return self._read_fixed(sink, cand.take_shared(index), pool, ids, blocks)
-            return self._read_per_layer(state, sink, cand, ids, query_index, budget)
+            return self._read_per_layer(state, sink, cand, ids, query_index, budget, lexical)
+
+    @staticmethod
+    def _lexical(state: MemoryState, cand: Candidates, query_words: torch.Tensor | None) -> torch.Tensor | None:
+        """Standardised, weighted BM25 block scores per candidate token for the `hybrid` scorer, else None."""
+        cfg = state.config
+        if cfg.scorer != "hybrid" or query_words is None or cfg.lexical_weight == 0:
+            return None
+        scores = bm25_block_scores(query_words, cand.field("word", 0), cand.field("block", 0))
+        if not bool((scores > 0).any()):
+            return None  # no word of the question was ever said: the latent score decides alone
+        return cfg.lexical_weight * _standardized(scores)
 
     def _read_fixed(
         self,
@@ -363,7 +398,13 @@ class Engine:
         return logits[-1], cache, prefix + int(ids.numel()), info
 
     def _shared_selection(
-        self, state: MemoryState, sink: Sink, cand: Candidates, ids: torch.Tensor, query_index: torch.Tensor
+        self,
+        state: MemoryState,
+        sink: Sink,
+        cand: Candidates,
+        ids: torch.Tensor,
+        query_index: torch.Tensor,
+        lexical: torch.Tensor | None,
     ) -> torch.Tensor:
         """One selection for all layers: a pre-pass over [sink, pool] gives every layer's queries."""
         cfg = state.config
@@ -383,9 +424,10 @@ class Engine:
             self.forward(self._rope_cache(k, v), ids, k.shape[1])
         total = torch.zeros(len(cand), dtype=torch.float32, device=cand.parts[0].k.device)
         for layer, q in queries.items():
-            s = cand.scores(layer, q, cfg.scorer)
             # Layers score on different scales; standardise so each layer gets one vote of equal weight.
-            total += (s - s.mean()) / (s.std() + 1e-6) if s.numel() > 1 else s
+            total += _standardized(cand.scores(layer, q, _latent_scorer(cfg.scorer)))
+        if lexical is not None:
+            total = _standardized(total) + lexical.to(total.device)
         return select_tokens(total, cand.field("block", 0), cand.field("age", 0), cfg.retrieve_tokens, exact=False)
 
     def _read_per_layer(
@@ -396,6 +438,7 @@ class Engine:
         ids: torch.Tensor,
         query_index: torch.Tensor,
         budget: int,
+        lexical: torch.Tensor | None,
     ) -> tuple[torch.Tensor, DynamicCache, int, ReadInfo]:
         """SPEC 4.5: each layer retrieves with its own input's queries, inside the forward pass."""
         cfg = state.config
@@ -411,7 +454,9 @@ class Engine:
 
         def pre(layer: int, hidden: torch.Tensor) -> None:
             q = self._queries(layer, hidden, query_index, cfg.scorer)
-            scores = cand.scores(layer, q, cfg.scorer)
+            scores = cand.scores(layer, q, _latent_scorer(cfg.scorer))
+            if lexical is not None:
+                scores = _standardized(scores) + lexical.to(scores.device)
             index = select_tokens(scores, cand.field("block", layer), cand.field("age", layer), budget, exact=True)
             kl = apply_rope(cand.gather("k", layer, index).to(device=device, dtype=dtype), cos, sin)
             vl = cand.gather("v", layer, index).to(device=device, dtype=dtype)

@@ -21,6 +21,7 @@ from mplus_agents.engine import Engine, MPlusWeights, ReadInfo, Sink
 from mplus_agents.errors import InvalidInputError, MemoryMismatchError, ModelNotFoundError, PromptTooLongError
 from mplus_agents.framing import Frame
 from mplus_agents.generation import DecodeResult, SamplingConfig, stream_text
+from mplus_agents.lexical import Lexicon
 from mplus_agents.memory import LatentMemory, Progress
 from mplus_agents.state import MemoryState, TokenStore
 
@@ -82,6 +83,7 @@ class MPlusLLM:
         self.engine = Engine(model, weights)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self._sinks: dict[str, Sink] = {}
+        self._lexicon: Lexicon | None = None
         self._memories: dict[str, LatentMemory] = {}
         self._memories_lock = threading.Lock()
         self.hook_lock = threading.RLock()
@@ -187,6 +189,7 @@ class MPlusLLM:
                 hidden_size=hidden,
                 score_dim=score_dim,
                 with_rf=rf,
+                with_words=config.scorer == "hybrid",
             )
 
         return MemoryState(
@@ -218,6 +221,13 @@ class MPlusLLM:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def lexicon(self) -> Lexicon:
+        """Word reconstruction table of this tokenizer, built on first use (the `hybrid` scorer's words)."""
+        if self._lexicon is None:
+            self._lexicon = Lexicon.from_tokenizer(self.tokenizer)
+        return self._lexicon
+
     def write(
         self, state: MemoryState, ids: list[int], *, progress: Progress | None = None
     ) -> tuple[list[int], MemoryState]:
@@ -239,7 +249,8 @@ class MPlusLLM:
             chunk_ids = torch.tensor(chunk, dtype=torch.long)
             with self.hook_lock:
                 if cfg.source == "input":
-                    new = self.engine.inject_input(new, sink, chunk_ids)
+                    words = self.lexicon.word_ids(chunk) if cfg.scorer == "hybrid" else None
+                    new = self.engine.inject_input(new, sink, chunk_ids, words)
                 else:
                     new = self.engine.inject_output(new, sink, chunk_ids)
             done += len(chunk)
@@ -298,7 +309,10 @@ class MPlusLLM:
         with self.hook_lock, torch.no_grad():
             self.check_fits(state, prompt, sampling.max_new_tokens)
             sink = self.sink(state.config)
-            logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index)
+            query_words = None
+            if state.config.scorer == "hybrid":
+                query_words = self.lexicon.word_ids(prompt.ids[prompt.query_index].tolist())
+            logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index, query_words)
         result = DecodeResult()
         position = [pos]
 

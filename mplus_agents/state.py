@@ -19,8 +19,8 @@ import torch
 from mplus_agents import quant
 from mplus_agents.config import MemoryConfig
 
-OPTIONAL_FIELDS = ("hidden", "score_key", "rf", *quant.SCALE_FIELDS)
-GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key", *quant.SCALE_FIELDS)
+OPTIONAL_FIELDS = ("hidden", "score_key", "rf", "word", *quant.SCALE_FIELDS)
+GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key", "word", *quant.SCALE_FIELDS)
 """Fields kept in growth buffers by `TokenStore.append`; ages and recall counters change on every update anyway."""
 MIN_CAPACITY = 1024
 Allocator = Callable[[list[int], torch.dtype], torch.Tensor]
@@ -64,6 +64,8 @@ class TokenStore:
     """[L, n, d_proj] keys of a trained retriever, computed once when the token is dropped (SPEC 4.3)."""
     rf: torch.Tensor | None = None
     """[L, n] float32 recall frequencies (long-term store only)."""
+    word: torch.Tensor | None = None
+    """[L, n] int64 id of the word starting at this token, 0 elsewhere (`input` source, `hybrid` scorer only)."""
     k_scale: torch.Tensor | None = None
     """[L, n, kv_heads] float32 scales when `k` is stored as int8 (`mplus_agents.quant`)."""
     v_scale: torch.Tensor | None = None
@@ -85,6 +87,7 @@ class TokenStore:
         hidden_size: int | None = None,
         score_dim: int | None = None,
         with_rf: bool = False,
+        with_words: bool = False,
     ) -> TokenStore:
         def z(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
             return torch.zeros(layers, 0, *shape, dtype=dt, device=device)
@@ -99,6 +102,7 @@ class TokenStore:
             hidden=z(hidden_size) if hidden_size is not None else None,
             score_key=z(score_dim, dt=torch.float32 if int8 else dtype) if score_dim is not None else None,
             rf=torch.zeros(layers, 0, dtype=torch.float32, device=device) if with_rf else None,
+            word=torch.zeros(layers, 0, dtype=torch.int64, device=device) if with_words else None,
             k_scale=z(kv_heads, dt=scale) if int8 else None,
             v_scale=z(kv_heads, dt=scale) if int8 else None,
             hidden_scale=z(dt=scale) if int8 and hidden_size is not None else None,
@@ -118,6 +122,7 @@ class TokenStore:
             hidden=fields_.get("hidden"),
             score_key=fields_.get("score_key"),
             rf=fields_.get("rf"),
+            word=fields_.get("word"),
             k_scale=fields_.get("k_scale"),
             v_scale=fields_.get("v_scale"),
             hidden_scale=fields_.get("hidden_scale"),
