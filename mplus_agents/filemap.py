@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -41,6 +41,7 @@ CODES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+NAMES = {v: k for k, v in CODES.items()}
 MAX_HEADER = 100 * 2**20
 READ_CHUNK = 2**20
 
@@ -127,6 +128,45 @@ def iter_bytes(path: str | Path, entry: Entry, chunk: int = READ_CHUNK) -> Itera
                 raise MappedFileError(f"{path} ends inside a tensor (truncated?)")
             left -= got
             yield view[:got]
+
+
+def tensor_chunks(t: torch.Tensor) -> Iterator[memoryview]:
+    """A CPU tensor's bytes in row-major order, one layer at a time when it is a view into a wider buffer
+    (a long-term store's `[L, n, ...]` view of `[L, capacity, ...]` growth buffers), so nothing is copied."""
+    t = t.detach()
+    if t.numel() == 0:
+        return
+    parts = [t] if t.is_contiguous() else list(t.unbind(0)) if t.dim() >= 2 else [t.contiguous()]
+    for p in parts:
+        p = p if p.is_contiguous() else p.contiguous()
+        array: Any = p.reshape(-1).view(torch.uint8).numpy()
+        yield memoryview(array)
+
+
+def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a standard safetensors file (readable by `safetensors` itself) straight from the tensors' memory.
+
+    Unlike `safetensors.torch.save_file` it needs no contiguous copy of each tensor, which for a mapped or
+    spilled long-term store would pull the whole store into RAM. Tensors are laid out by falling element
+    size, so every offset is aligned for its dtype and the file can be mapped back (`map_safetensors`).
+    """
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in NAMES or t.device.type != "cpu":
+            raise TypeError(f"cannot write tensor {name!r} ({t.dtype} on {t.device})")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    f.write(len(raw).to_bytes(8, "little"))
+    f.write(raw)
+    for name in order:
+        for chunk in tensor_chunks(tensors[name]):
+            f.write(chunk)
 
 
 @dataclass(frozen=True)

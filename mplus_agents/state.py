@@ -331,12 +331,13 @@ class MemoryState:
     def long_term_size(self) -> int:
         return len(self.ltm) + len(self.staging)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor map, the unit of persistence."""
+    def tensors(self, *, contiguous: bool = True) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor map, the unit of persistence. `contiguous=False` returns the stores' own views
+        (a long-term store's are views into growth buffers), for writers that must not copy the store."""
         out: dict[str, torch.Tensor] = {}
         for part in ("pool", "ltm", "staging"):
             for name, t in getattr(self, part).tensors().items():
-                out[f"{part}.{name}"] = t.contiguous()
+                out[f"{part}.{name}"] = t.contiguous() if contiguous else t
         out["rng_state"] = self.rng_state
         out["counters"] = torch.tensor(
             [self.injections, self.tokens_injected, self.next_block, self.since_merge], dtype=torch.int64

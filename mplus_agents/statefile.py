@@ -27,12 +27,20 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mplus_agents import __version__
 from mplus_agents.config import MemoryConfig
 from mplus_agents.errors import MemoryMismatchError, MPlusError
-from mplus_agents.filemap import Entry, MappedFileError, Spill, iter_bytes, map_safetensors, read_header
+from mplus_agents.filemap import (
+    Entry,
+    MappedFileError,
+    Spill,
+    iter_bytes,
+    map_safetensors,
+    read_header,
+    tensor_chunks,
+    write_safetensors,
+)
 from mplus_agents.fsutil import fsync_dir
 from mplus_agents.memory import LatentMemory
 from mplus_agents.model import MPlusLLM
@@ -53,25 +61,16 @@ class MemoryFileError(MPlusError, ValueError):
 def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
+        t = tensors[name].detach().to("cpu")
         h.update(f"{name}:{t.dtype}:{list(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        for chunk in tensor_chunks(t):
+            h.update(chunk)
     return h.hexdigest()
 
 
 def _portable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and no two tensors sharing storage (safetensors refuses shared storage)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
+    """On the CPU; views are kept as they are (`write_safetensors` writes them layer by layer, uncopied)."""
+    return {name: t.detach().to("cpu") for name, t in tensors.items()}
 
 
 def save_memory(memory: LatentMemory, path: str | Path) -> Path:
@@ -79,7 +78,7 @@ def save_memory(memory: LatentMemory, path: str | Path) -> Path:
     path = Path(path).expanduser()
     with memory.lock:
         state, pending = memory.state, list(memory.pending)
-        tensors = dict(state.tensors())
+        tensors = dict(state.tensors(contiguous=False))
     tensors[PENDING_KEY] = torch.tensor(pending, dtype=torch.int64)
     tensors = _portable(tensors)
     metadata = {
@@ -96,8 +95,9 @@ def save_memory(memory: LatentMemory, path: str | Path) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:
+            write_safetensors(f, tensors, metadata)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

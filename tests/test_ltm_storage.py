@@ -3,19 +3,29 @@ loads that stay on disk and keep growing in spill files, persistence of int8 sto
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mplus_agents import MemoryConfig, MPlusLLM, quant
-from mplus_agents.filemap import MappedFileError, Spill, file_backing, map_safetensors
+from mplus_agents.filemap import (
+    MappedFileError,
+    Spill,
+    file_backing,
+    map_safetensors,
+    tensor_chunks,
+    write_safetensors,
+)
 from mplus_agents.memory import LatentMemory
 from mplus_agents.retrieval import QUANT_CHUNK, head_mean_logits, token_scores
 from mplus_agents.state import TokenStore
@@ -47,7 +57,13 @@ def filled(llm: MPlusLLM, texts: list[str] = TEXTS * 2) -> LatentMemory:
 
 
 def rss_anon() -> int:
-    """Anonymous resident bytes: what cannot be paged back to a file (file-backed pages are evictable)."""
+    """Anonymous resident bytes: what cannot be paged back to a file (file-backed pages are evictable).
+
+    Freed heap pages are handed back first (`malloc_trim`): glibc keeps freed scoring temporaries resident,
+    which says nothing about whether the store was copied.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("RssAnon:"):
@@ -228,6 +244,9 @@ def test_mmap_load_stays_on_disk_reads_identically_and_grows_in_spill_files(tmp_
     ram.inject("my favourite colour is teal " * 4, role="user")
     assert same_state(mapped, ram)
     assert torch.equal(read_logits(llm, mapped, QUESTION), read_logits(llm, ram, QUESTION))
+    # Saving the grown store writes it layer by layer from the spill buffers; both loaders read it back.
+    out = save_memory(mapped, tmp_path / "grown.mplus")
+    assert same_state(load_memory(llm, out), ram) and same_state(load_memory(llm, out, mmap=True), ram)
     # The file on disk is untouched by all of this (copy-on-write mapping): it still holds the saved memory.
     again = load_memory(llm, path)
     assert again.state.tokens_injected < ram.state.tokens_injected
@@ -247,6 +266,25 @@ def test_mmap_store_evicts_into_spill_files(tmp_path: Path) -> None:
     assert same_state(mapped, ram)
     backing = file_backing(mapped.state.ltm.k)
     assert backing is not None and backing.endswith("(deleted)")
+
+
+def test_writing_a_spilled_view_copies_nothing(tmp_path: Path) -> None:
+    """`tensor_chunks` (the statefile writer and checksum) reads a `[L, n]` view of `[L, capacity]` buffers in
+    place, one layer at a time: every chunk lies inside the spill mapping."""
+    buf = Spill(tmp_path).empty([3, 100, 2, 8], torch.float32)
+    buf.copy_(torch.randn(3, 100, 2, 8))
+    view = buf[:, :60]
+    assert not view.is_contiguous()
+    chunks = list(tensor_chunks(view))
+    lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * 4
+    for chunk in chunks:
+        address = np.frombuffer(chunk, dtype=np.uint8).ctypes.data
+        assert lo <= address < hi
+    assert b"".join(bytes(c) for c in chunks) == view.contiguous().numpy().tobytes()
+    with open(tmp_path / "v.safetensors", "wb") as f:
+        write_safetensors(f, {"v": view, "n": torch.arange(3, dtype=torch.int8)}, {"a": "b"})
+    with safe_open(str(tmp_path / "v.safetensors"), framework="pt") as f:
+        assert torch.equal(f.get_tensor("v"), view) and f.metadata() == {"a": "b"}
 
 
 def test_spill_and_map_helpers(tmp_path: Path) -> None:
@@ -282,6 +320,7 @@ def test_files_without_scales_still_load_both_ways(tmp_path: Path, ltm_dtype) ->
     llm = MPlusLLM(tiny_llama(), CharTokenizer(), SMALL.replace(ltm_dtype=ltm_dtype))
     mem = filled(llm)
     path = save_memory(mem, tmp_path / "m.mplus")
+    rewrite(path, lambda m, t: None)  # as the previous `save_memory` wrote it: safetensors' own `save_file`
     with safe_open(str(path), framework="pt") as f:
         assert not any(k.endswith("_scale") for k in f.keys())  # noqa: SIM118
     assert same_state(load_memory(llm, path), mem) and same_state(load_memory(llm, path, mmap=True), mem)
