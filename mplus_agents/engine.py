@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
 from mplus_agents.lexical import bm25_block_scores
+from mplus_agents.lora import UPDATE, LoRA
 from mplus_agents.ops import KeyFn, add_to_pool
 from mplus_agents.retrieval import head_mean_logits, max_standardized, projector_scores, select_tokens, token_scores
 from mplus_agents.retriever import Retriever, kv_features
@@ -51,6 +52,9 @@ class MPlusWeights:
     """[d] added to the last K positions of an injection pass at every layer."""
     retriever: Retriever | None = None
     """Trained f_q / f_k projectors (SPEC 4.5); used when the memory's scorer is `retriever`."""
+    adapters: LoRA | None = None
+    """LoRA adapters hooked into the model (SPEC 7.1): the update adapter is active during `inject_output`'s
+    pass, the generation adapter everywhere else (so every stored K/V is the generation adapter's)."""
 
 
 @dataclass
@@ -179,6 +183,13 @@ class Engine:
         )
         return out.logits[0]  # type: ignore[no-any-return]
 
+    def _adapter(self, name: str | None) -> contextlib.AbstractContextManager[None]:
+        """Switch this thread to one LoRA adapter (no-op for a model without adapters)."""
+        lora = self.weights.adapters
+        if lora is None:
+            return contextlib.nullcontext()
+        return lora.use(name if name in lora.adapters else lora.generate)
+
     def _empty_like_pool(self) -> torch.Tensor:
         s = self.arch.shapes
         return torch.zeros(s.layers, 0, s.kv_heads, s.head_dim, dtype=self.arch.dtype, device=self.arch.device)
@@ -286,7 +297,8 @@ class Engine:
         if e_new is not None and new_from < prefix_hidden.shape[1]:
             prefix_hidden = prefix_hidden.clone()
             prefix_hidden[:, new_from:] += e_new
-        with torch.no_grad():
+        # The whole injection pass, its key-only prefix included, runs under the update adapter (SPEC 7.1).
+        with torch.no_grad(), self._adapter(UPDATE):
             cache = self._rope_cache(*self.arch.kv_all_layers(prefix_hidden))
         prefix_len = prefix_hidden.shape[1]
         delta: list[torch.Tensor | None] = [None] * self.arch.shapes.layers
@@ -308,10 +320,10 @@ class Engine:
             delta[layer] = output[0, first_new_row:]
 
         dummy = torch.zeros(queried_mem, dtype=ids.dtype)
-        with torch.no_grad(), layer_hooks(self.arch, pre=pre, post=post):
+        with torch.no_grad(), self._adapter(UPDATE), layer_hooks(self.arch, pre=pre, post=post):
             self.forward(cache, torch.cat([dummy, ids.cpu()]), prefix_len)
         hidden_new = torch.stack(delta)  # type: ignore[arg-type]
-        with torch.no_grad():
+        with torch.no_grad():  # stored K/V are what reads see: the generation adapter's (the default)
             k_new, v_new = self.arch.kv_all_layers(hidden_new)
         k, v = k_new.to(pool.k.dtype), v_new.to(pool.v.dtype)
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)

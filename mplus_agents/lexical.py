@@ -42,22 +42,30 @@ class Lexicon:
     """Lowercase alphanumeric text of each token ("" for punctuation, whitespace and special tokens)."""
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> Lexicon:
-        vocab = len(tokenizer)
-        pieces = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    def from_tokenizer(cls, tokenizer: Any, vocab_size: int | None = None) -> Lexicon:
+        """Built from token strings when the tokenizer exposes them (HF), else from decoding each id alone."""
+        vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else vocab_size
+        if vocab is None:
+            raise ValueError("cannot tell the tokenizer's vocabulary size; pass vocab_size")
+        has_pieces = hasattr(tokenizer, "convert_ids_to_tokens") and hasattr(tokenizer, "convert_tokens_to_string")
+        pieces = tokenizer.convert_ids_to_tokens(list(range(vocab))) if has_pieces else [None] * vocab
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         starts, texts = [], []
         for i, piece in enumerate(pieces):
-            piece = piece or ""
-            raw = tokenizer.convert_tokens_to_string([piece]) if piece else ""
+            if has_pieces:
+                raw = tokenizer.convert_tokens_to_string([piece]) if piece else ""
+                marked = bool(piece) and piece.startswith(WORD_START_MARKS)
+            else:
+                raw = tokenizer.decode([i])
+                marked = raw[:1].isspace()
             alnum = "".join(c for c in raw.lower() if c.isalnum())
             if i in special or not alnum:
                 texts.append("")
                 starts.append(True)
                 continue
             texts.append(alnum)
-            # A token with inner punctuation ("'s", "-based") or a whitespace mark starts a word.
-            starts.append(piece.startswith(WORD_START_MARKS) or not raw.strip().isalnum())
+            # A whitespace mark starts a word; so does a token with inner punctuation ("'s", "-based").
+            starts.append(marked or not raw.strip().isalnum())
         return cls(torch.tensor(starts, dtype=torch.bool), tuple(texts))
 
     def word_ids(self, ids: list[int]) -> torch.Tensor:
