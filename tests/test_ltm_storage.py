@@ -205,6 +205,7 @@ def with_big_ltm(llm: MPlusLLM, n: int) -> LatentMemory:
         age=(torch.arange(n, 0, -1) + int(st.ltm.age.max()) + 1).expand(layers, n).clone(),
         block=(torch.arange(n) // st.config.block_size - n).expand(layers, n).clone(),
         rf=torch.full((layers, n), st.config.ltm_initial_rf),
+        word=torch.zeros(layers, n, dtype=torch.int64) if st.ltm.word is not None else None,
     ).to(dtype=st.ltm.k.dtype)
     mem.replace_state(dataclasses.replace(st, ltm=older.cat(st.ltm)))
     return mem
