@@ -39,18 +39,19 @@ SCORE_LAYERS = 5
 """The stores hold only the scored layers; bytes are reported per token and layer and scaled to LAYERS."""
 
 
-def recall_summary(results: Path) -> list[dict[str, Any]]:
+def recall_summary(results: Path, prefix: str) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     answers: dict[str, list[dict[str, str]]] = {}
     for dt in DTYPES:
-        path = results / f"recall_ltm_{dt}.json"
+        tag = f"{prefix}_{dt}"
+        path = results / f"recall_{tag}.json"
         if not path.exists():
-            print(f"missing {path}: run recall.py --ltm-dtype {dt} --tag ltm_{dt} first")
+            print(f"missing {path}: run recall.py --ltm-dtype {dt} --tag {tag} first")
             continue
         info = json.loads(path.read_text())
-        with open(results / f"recall_ltm_{dt}.csv") as f:
+        with open(results / f"recall_{tag}.csv") as f:
             cells = list(csv.DictReader(f))
-        with open(results / f"recall_answers_ltm_{dt}.csv") as f:
+        with open(results / f"recall_answers_{tag}.csv") as f:
             answers[dt] = list(csv.DictReader(f))
         for inj in info["injection"]:
             length = inj["length"]
@@ -61,6 +62,8 @@ def recall_summary(results: Path) -> list[dict[str, Any]]:
             rows.append(
                 dict(
                     ltm_dtype=dt,
+                    scorer=info["memory_config"]["scorer"],
+                    retrieve_tokens=info["memory_config"]["retrieve_tokens"],
                     history_tokens=inj["history_tokens"],
                     hits=cell("latent"),
                     fact_read=cell("latent: fact tokens read (pool or retrieved)"),
@@ -140,11 +143,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--prefix", default="ltm", help="recall: runs tagged PREFIX_float32, PREFIX_bfloat16, PREFIX_int8")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.part == "recall":
-        rows = recall_summary(args.out)
-        path = args.out / "ltm_dtype_recall.csv"
+        rows = recall_summary(args.out, args.prefix)
+        path = args.out / ("ltm_dtype_recall.csv" if args.prefix == "ltm" else f"ltm_dtype_recall_{args.prefix}.csv")
     else:
         rows = scoring(args.sizes, args.repeats)
         path = args.out / "ltm_scoring.csv"
