@@ -55,6 +55,10 @@ def _bytes(storage: Any) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
+class SpillError(MPlusError, OSError):
+    """No file-backed buffer could be made for a growing memory-mapped store (directory not writable, disk full)."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """Where one tensor's bytes sit in a safetensors file (absolute byte offsets)."""
@@ -182,14 +186,20 @@ class Spill:
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".mplus-ltm-", suffix=".spill", dir=self.directory)
         try:
-            os.ftruncate(fd, nbytes)
-            storage = torch.UntypedStorage.from_file(name, True, nbytes)
-        finally:
-            os.close(fd)
-            os.unlink(name)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".mplus-ltm-", suffix=".spill", dir=self.directory)
+            try:
+                os.ftruncate(fd, nbytes)
+                storage = torch.UntypedStorage.from_file(name, True, nbytes)
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except (OSError, RuntimeError) as e:
+            raise SpillError(
+                f"cannot create a {nbytes}-byte spill file for the long-term store in {self.directory}: {e}. "
+                "Load the memory with spill_dir= set to a writable directory on a disk with free space."
+            ) from e
         return _bytes(storage).view(dtype).view(list(shape))
 
 

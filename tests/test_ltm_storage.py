@@ -21,6 +21,7 @@ from mplus_agents import MemoryConfig, MPlusLLM, quant
 from mplus_agents.filemap import (
     MappedFileError,
     Spill,
+    SpillError,
     file_backing,
     map_safetensors,
     tensor_chunks,
@@ -286,6 +287,18 @@ def test_writing_a_spilled_view_copies_nothing(tmp_path: Path) -> None:
         write_safetensors(f, {"v": view, "n": torch.arange(3, dtype=torch.int8)}, {"a": "b"})
     with safe_open(str(tmp_path / "v.safetensors"), framework="pt") as f:
         assert torch.equal(f.get_tensor("v"), view) and f.metadata() == {"a": "b"}
+
+
+def test_an_unwritable_spill_directory_is_a_clear_error_and_leaves_the_memory_as_it_was(tmp_path: Path) -> None:
+    llm = MPlusLLM(tiny_llama(), CharTokenizer(), SMALL)
+    path = save_memory(filled(llm), tmp_path / "m.mplus")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the spill directory should be")
+    mapped = load_memory(llm, path, mmap=True, spill_dir=blocker / "spill")
+    before = mapped.state
+    with pytest.raises(SpillError, match="spill_dir"):
+        mapped.inject("my favourite colour is teal " * 4, role="user")
+    assert mapped.state is before
 
 
 def test_spill_and_map_helpers(tmp_path: Path) -> None:
