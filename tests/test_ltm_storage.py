@@ -433,3 +433,21 @@ def test_unaligned_or_overlong_headers_are_refused(tmp_path: Path) -> None:
     os.truncate(bad, 3)
     with pytest.raises(MappedFileError, match="shorter"):
         map_safetensors(bad)
+
+
+def test_checkpoint_of_an_int8_memory_ships_dequantised_vectors(tmp_path: Path) -> None:
+    from mplus_agents.checkpoints import save_checkpoint
+
+    llm = MPlusLLM(tiny_qwen3(), CharTokenizer(), SMALL_OUTPUT.replace(ltm_dtype="int8"))
+    mem = filled(llm)
+    ltm = mem.state.ltm
+    assert ltm.quantized and len(ltm) > 0
+    out = save_checkpoint(tmp_path / "ck", llm, memory=mem, save_tokenizer=False)
+    shipped: dict[str, torch.Tensor] = {}
+    for file in out.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            shipped.update({k: f.get_tensor(k) for k in f.keys() if k.startswith("ltm.")})  # noqa: SIM118
+    assert ltm.hidden is not None and ltm.hidden_scale is not None
+    want = quant.dequantize(ltm.hidden[0], ltm.hidden_scale[0])
+    assert shipped["ltm.0"].is_floating_point()
+    torch.testing.assert_close(shipped["ltm.0"][: len(ltm)].float(), want)
