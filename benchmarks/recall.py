@@ -227,7 +227,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if "latent" in args.systems:
             st = mem.stats()
-            rate.update(pool_tokens=st.pool_tokens, long_term_tokens=st.long_term_tokens, memory_bytes=st.bytes)
+            ltm_bytes = sum(t.numel() * t.element_size() for p in (mem.state.ltm, mem.state.staging)
+                            for t in p.tensors().values())
+            rate.update(pool_tokens=st.pool_tokens, long_term_tokens=st.long_term_tokens, memory_bytes=st.bytes,
+                        ltm_bytes=ltm_bytes)
         throughput.append(rate)
         print(f"[{length}] history {total} tokens in {len(history)} turns; injection {rate['segment_tok_per_s']} "
               f"tok/s this segment, {rate['cumulative_tok_per_s']} overall; asking {len(facts)} questions",

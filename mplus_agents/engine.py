@@ -114,8 +114,8 @@ class Candidates:
         if scorer == "retriever":  # q holds f_q outputs [T, dim]; keys were projected once, at injection
             return torch.cat([projector_scores(q.to(p.k.device), self._score_key(p)[layer]) for p in self.parts])
         if scorer == "max_z":  # standardised over all candidates, so the parts' logits are joined first
-            return max_z_scores(q, [p.k[layer] for p in self.parts])
-        return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer) for p in self.parts])
+            return max_z_scores(q, [p.k[layer] for p in self.parts], [p.scale("k", layer) for p in self.parts])
+        return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer, p.scale("k", layer)) for p in self.parts])
 
     def index(self, layer: int) -> LTMIndex:
         """One layer's candidates behind `config.ltm_index` (mplus_agents.index)."""
@@ -139,13 +139,14 @@ class Candidates:
         return torch.cat([getattr(p, name)[layer] for p in self.parts])
 
     def gather(self, name: str, layer: int, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` (into the concatenation, order kept) of field `name` in one layer."""
+        """Rows `index` (into the concatenation, order kept) of field `name` in one layer; int8 rows dequantised."""
         first = getattr(self.parts[0], name)
-        out = torch.empty(index.numel(), *first.shape[2:], dtype=first.dtype, device=first.device)
+        dtype = torch.float32 if self.parts[0].scale(name, layer) is not None else first.dtype
+        out = torch.empty(index.numel(), *first.shape[2:], dtype=dtype, device=first.device)
         for p, lo, hi in zip(self.parts, self.offsets, self.offsets[1:], strict=False):
             mask = (index >= lo) & (index < hi)
             if bool(mask.any()):
-                out[mask] = getattr(p, name)[layer, index[mask] - lo].to(out.dtype)
+                out[mask] = p.rows(name, layer, index[mask] - lo, out.dtype)
         return out
 
     def take_shared(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
