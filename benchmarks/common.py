@@ -42,6 +42,8 @@ MEMORY_FLAGS: dict[str, tuple[str, type]] = {
     "selection": ("--selection", str),
     "injection_context": ("--injection-context", int),
     "ltm_dtype": ("--ltm-dtype", str),
+    "read_pool_tokens": ("--read-pool-tokens", int),
+    "lexical_weight": ("--lexical-weight", float),
 }
 
 

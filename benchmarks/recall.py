@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def fact_location(mem: LatentMemory, blocks: range, read: ReadInfo) -> str:
     """Where the fact's memory tokens were when the question was read: pool, retrieved, or missed."""
     state = mem.state
-    pool_blocks = set(state.pool.block[0].tolist()) if len(state.pool) else set()
+    pool = state.pool
+    shown = len(pool) if state.config.read_pool_tokens is None else min(state.config.read_pool_tokens, len(pool))
+    pool_blocks = set(pool.block[0, len(pool) - shown :].tolist()) if shown else set()
     if pool_blocks & set(blocks):
         return "pool"
     layers = [set(b) for b in read.retrieved_blocks]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 Source = Literal["input", "output"]
 DropPolicy = Literal["random", "oldest"]
 Selection = Literal["shared", "per_layer"]
-Scorer = Literal["sigmoid_mean", "max_logit", "max_z", "retriever"]
+Scorer = Literal["auto", "sigmoid_mean", "max_logit", "max_z", "retriever", "hybrid"]
 
 
 AUTO_SCORE_LAYERS = 5
@@ -44,8 +44,10 @@ class MemoryConfig:
     """`input`: exact K/V of the injected tokens (any model). `output`: M+ as trained (layer outputs)."""
     pool_size: int = 2048
     """N, the short-term pool. Always attended; overflow moves to the long-term store."""
-    retrieve_tokens: int = 1024
-    """K0, long-term tokens placed in the prefix at generation (fewer while the store is smaller)."""
+    retrieve_tokens: int = 320
+    """K0, long-term tokens placed in the prefix at generation (fewer while the store is smaller). The default
+    (five 64-token blocks) and `read_pool_tokens=64` are tuned on the embedded 135M model, which answers from a
+    short prefix far better than from a long one (benchmarks/README.md); `MemoryConfig.mplus()` has M+'s."""
     tokens_per_chunk: int = 256
     """K, new memory tokens per chunk for the `output` source (the `input` source keeps every token)."""
     chunk_size: int = 512
@@ -54,21 +56,26 @@ class MemoryConfig:
     """No chunk is shorter than this; shorter tails are merged into their neighbour (SPEC 3.3)."""
     injection_context: int = 512
     """`input` source: newest pool tokens a chunk attends to while it is encoded (M+ uses K)."""
-    read_pool_tokens: int | None = None
+    read_pool_tokens: int | None = 64
     """Newest pool tokens always shown at a read; older pool tokens compete with the long-term store for the
     retrieval budget instead. None: the whole pool is always shown (M+). A small value keeps the prefix short,
-    which small models need (they are distracted by unrelated context)."""
+    which small models need (they are distracted by unrelated context), and makes a turn's cost independent
+    of the history length: the prefix is at most read_pool_tokens + retrieve_tokens long."""
     drop_policy: DropPolicy = "oldest"
     """Which pool tokens leave for the long-term store on overflow: `random` per layer (M+) or `oldest`."""
     selection: Selection = "shared"
     """`per_layer`: each layer retrieves with its own queries (M+). `shared`: one block selection for all."""
     block_size: int = 64
     """Retrieval granularity in tokens; 1 is single-token retrieval as in M+."""
-    scorer: Scorer = "max_z"
-    """Training-free score on pre-RoPE q.k: `sigmoid_mean` (SPEC 4.5's formula), `max_logit` (best query token)
+    scorer: Scorer = "auto"
+    """`auto` (resolved at construction): `hybrid` for the `input` source, `max_z` for `output`.
+    Training-free scores on pre-RoPE q.k: `sigmoid_mean` (SPEC 4.5's formula), `max_logit` (best query token)
     or `max_z` (best query token after standardising each token's logits over all candidates, an IDF-like
     correction; at 16k tokens of chat it read the fact's block 8/18 times against 6/18 for `max_logit`), or
-    `retriever`: the model's trained f_q / f_k projectors with SPEC 4.5's mean of sigmoids."""
+    `retriever`: the model's trained f_q / f_k projectors with SPEC 4.5's mean of sigmoids, or `hybrid`
+    (`input` source): `max_z` plus BM25 over the words the memory tokens were made from (`mplus_agents.lexical`)."""
+    lexical_weight: float = 1.0
+    """`hybrid` scorer: weight of the standardised BM25 block score against the standardised latent score."""
     score_layers: tuple[int, ...] | None = None
     """Layers whose queries score long-term blocks in `shared` mode. None: `auto_score_layers`, five layers in
     40%-80% of the depth, which select as well as all layers at a sixth of the cost."""
@@ -86,6 +93,8 @@ class MemoryConfig:
     """Seeds the random drops so that a memory replayed from its ledger is bit-identical."""
 
     def __post_init__(self) -> None:
+        if self.scorer == "auto":  # frozen: resolve once, so the stored config always names a concrete scorer
+            object.__setattr__(self, "scorer", "hybrid" if self.source == "input" else "max_z")
         positive = ("pool_size", "tokens_per_chunk", "chunk_size", "min_chunk", "block_size", "ltm_merge_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -112,6 +121,10 @@ class MemoryConfig:
             raise ValueError(f"unknown memory source {self.source!r}")
         if self.ltm_decay < 0 or self.ltm_initial_rf <= 0:
             raise ValueError("ltm_decay must be >= 0 and ltm_initial_rf > 0")
+        if self.scorer == "hybrid" and self.source != "input":
+            raise ValueError("scorer='hybrid' needs the input source (its memory tokens are the injected tokens)")
+        if self.lexical_weight < 0:
+            raise ValueError("lexical_weight must be >= 0")
         if self.ltm_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"ltm_dtype must be float32, bfloat16 or float16, got {self.ltm_dtype!r}")
 
@@ -129,6 +142,7 @@ class MemoryConfig:
             selection="per_layer",
             block_size=1,
             scorer="sigmoid_mean",
+            read_pool_tokens=None,
             ltm_merge_every=60,
             ltm_initial_rf=10.0,
             ltm_decay=1.0,

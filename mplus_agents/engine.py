@@ -21,6 +21,8 @@ from transformers import DynamicCache
 
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
+from mplus_agents.lexical import bm25_block_scores
+from mplus_agents.lora import UPDATE, LoRA
 from mplus_agents.ops import KeyFn, add_to_pool
 from mplus_agents.retrieval import head_mean_logits, max_standardized, projector_scores, select_tokens, token_scores
 from mplus_agents.retriever import Retriever, kv_features
@@ -50,6 +52,9 @@ class MPlusWeights:
     """[d] added to the last K positions of an injection pass at every layer."""
     retriever: Retriever | None = None
     """Trained f_q / f_k projectors (SPEC 4.5); used when the memory's scorer is `retriever`."""
+    adapters: LoRA | None = None
+    """LoRA adapters hooked into the model (SPEC 7.1): the update adapter is active during `inject_output`'s
+    pass, the generation adapter everywhere else (so every stored K/V is the generation adapter's)."""
 
 
 @dataclass
@@ -62,6 +67,15 @@ class ReadInfo:
     retrieved_tokens: int
     retrieved_blocks: list[list[int]] = field(default_factory=list)
     """Block ids retrieved, per layer (one entry for a `shared` selection)."""
+
+
+def _standardized(s: torch.Tensor) -> torch.Tensor:
+    return (s - s.mean()) / (s.std() + 1e-6) if s.numel() > 1 else s
+
+
+def _latent_scorer(scorer: str) -> str:
+    """The scorer of the latent part: `hybrid` adds lexical evidence to `max_z`."""
+    return "max_z" if scorer == "hybrid" else scorer
 
 
 def _split_pool(state: MemoryState) -> tuple[TokenStore, TokenStore | None]:
@@ -166,6 +180,13 @@ class Engine:
         )
         return out.logits[0]  # type: ignore[no-any-return]
 
+    def _adapter(self, name: str | None) -> contextlib.AbstractContextManager[None]:
+        """Switch this thread to one LoRA adapter (no-op for a model without adapters)."""
+        lora = self.weights.adapters
+        if lora is None:
+            return contextlib.nullcontext()
+        return lora.use(name if name in lora.adapters else lora.generate)
+
     def _empty_like_pool(self) -> torch.Tensor:
         s = self.arch.shapes
         return torch.zeros(s.layers, 0, s.kv_heads, s.head_dim, dtype=self.arch.dtype, device=self.arch.device)
@@ -219,11 +240,14 @@ class Engine:
             return new
         return new.with_fields(score_key=keys.to(device=pool.score_key.device, dtype=pool.score_key.dtype))
 
-    def inject_input(self, state: MemoryState, sink: Sink, ids: torch.Tensor) -> MemoryState:
+    def inject_input(
+        self, state: MemoryState, sink: Sink, ids: torch.Tensor, words: torch.Tensor | None = None
+    ) -> MemoryState:
         """`input` source: every chunk token becomes a memory token holding its exact K/V (DESIGN 3).
 
         The chunk is encoded after [sink, newest `injection_context` pool tokens], so it reads like the
-        continuation of what was said just before it.
+        continuation of what was said just before it. `words` ([T] word ids, `Lexicon.word_ids`) are kept
+        with the tokens when the memory uses the `hybrid` scorer.
         """
         pool = state.pool
         width = min(state.config.injection_context, len(pool))
@@ -235,6 +259,10 @@ class Engine:
         v = torch.stack(values).to(pool.v.dtype)  # type: ignore[arg-type]
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
         new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone())
+        if pool.word is not None:
+            if words is None or words.numel() != ids.numel():
+                raise ValueError("this memory keeps word ids (scorer='hybrid'): pass one per injected token")
+            new.word = words.to(device=k.device, dtype=torch.int64).expand(k.shape[0], -1).clone()
         return add_to_pool(state, self._with_score_keys(new, pool))
 
     def inject_output(
@@ -266,7 +294,8 @@ class Engine:
         if e_new is not None and new_from < prefix_hidden.shape[1]:
             prefix_hidden = prefix_hidden.clone()
             prefix_hidden[:, new_from:] += e_new
-        with torch.no_grad():
+        # The whole injection pass, its key-only prefix included, runs under the update adapter (SPEC 7.1).
+        with torch.no_grad(), self._adapter(UPDATE):
             cache = self._rope_cache(*self.arch.kv_all_layers(prefix_hidden))
         prefix_len = prefix_hidden.shape[1]
         delta: list[torch.Tensor | None] = [None] * self.arch.shapes.layers
@@ -288,10 +317,10 @@ class Engine:
             delta[layer] = output[0, first_new_row:]
 
         dummy = torch.zeros(queried_mem, dtype=ids.dtype)
-        with torch.no_grad(), layer_hooks(self.arch, pre=pre, post=post):
+        with torch.no_grad(), self._adapter(UPDATE), layer_hooks(self.arch, pre=pre, post=post):
             self.forward(cache, torch.cat([dummy, ids.cpu()]), prefix_len)
         hidden_new = torch.stack(delta)  # type: ignore[arg-type]
-        with torch.no_grad():
+        with torch.no_grad():  # stored K/V are what reads see: the generation adapter's (the default)
             k_new, v_new = self.arch.kv_all_layers(hidden_new)
         k, v = k_new.to(pool.k.dtype), v_new.to(pool.v.dtype)
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
@@ -313,12 +342,18 @@ class Engine:
         return self.arch.q_from_normed(layer, normed)
 
     def read(
-        self, state: MemoryState, sink: Sink, ids: torch.Tensor, query_index: torch.Tensor
+        self,
+        state: MemoryState,
+        sink: Sink,
+        ids: torch.Tensor,
+        query_index: torch.Tensor,
+        query_words: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DynamicCache, int, ReadInfo]:
         """First forward of a generation with memory: retrieve, assemble the prefix, run the prompt.
 
         Returns the last-token logits, the filled cache, the next position and what was read.
-        `query_index` selects the prompt tokens whose queries score the long-term store.
+        `query_index` selects the prompt tokens whose queries score the long-term store; `query_words` are
+        the question's word ids for the `hybrid` scorer.
         """
         cfg = state.config
         pool, older = _split_pool(state)
@@ -328,11 +363,23 @@ class Engine:
         with torch.no_grad():
             if budget == 0 or query_index.numel() == 0:
                 return self._read_fixed(sink, None, pool, ids, [])
+            lexical = self._lexical(state, cand, query_words)
             if cfg.selection == "shared":
-                index = self._shared_selection(state, sink, cand, ids, query_index)
+                index = self._shared_selection(state, sink, cand, ids, query_index, lexical)
                 blocks = [sorted(set(cand.gather("block", 0, index).tolist()))]
                 return self._read_fixed(sink, cand.take_shared(index), pool, ids, blocks)
-            return self._read_per_layer(state, sink, cand, ids, query_index, budget)
+            return self._read_per_layer(state, sink, cand, ids, query_index, budget, lexical)
+
+    @staticmethod
+    def _lexical(state: MemoryState, cand: Candidates, query_words: torch.Tensor | None) -> torch.Tensor | None:
+        """Standardised, weighted BM25 block scores per candidate token for the `hybrid` scorer, else None."""
+        cfg = state.config
+        if cfg.scorer != "hybrid" or query_words is None or cfg.lexical_weight == 0:
+            return None
+        scores = bm25_block_scores(query_words, cand.field("word", 0), cand.field("block", 0))
+        if not bool((scores > 0).any()):
+            return None  # no word of the question was ever said: the latent score decides alone
+        return cfg.lexical_weight * _standardized(scores)
 
     def _read_fixed(
         self,
@@ -360,7 +407,13 @@ class Engine:
         return logits[-1], cache, prefix + int(ids.numel()), info
 
     def _shared_selection(
-        self, state: MemoryState, sink: Sink, cand: Candidates, ids: torch.Tensor, query_index: torch.Tensor
+        self,
+        state: MemoryState,
+        sink: Sink,
+        cand: Candidates,
+        ids: torch.Tensor,
+        query_index: torch.Tensor,
+        lexical: torch.Tensor | None,
     ) -> torch.Tensor:
         """One selection for all layers: a pre-pass over [sink, pool] gives every layer's queries."""
         cfg = state.config
@@ -380,9 +433,10 @@ class Engine:
             self.forward(self._rope_cache(k, v), ids, k.shape[1])
         total = torch.zeros(len(cand), dtype=torch.float32, device=cand.parts[0].k.device)
         for layer, q in queries.items():
-            s = cand.scores(layer, q, cfg.scorer)
             # Layers score on different scales; standardise so each layer gets one vote of equal weight.
-            total += (s - s.mean()) / (s.std() + 1e-6) if s.numel() > 1 else s
+            total += _standardized(cand.scores(layer, q, _latent_scorer(cfg.scorer)))
+        if lexical is not None:
+            total = _standardized(total) + lexical.to(total.device)
         return select_tokens(total, cand.field("block", 0), cand.field("age", 0), cfg.retrieve_tokens, exact=False)
 
     def _read_per_layer(
@@ -393,6 +447,7 @@ class Engine:
         ids: torch.Tensor,
         query_index: torch.Tensor,
         budget: int,
+        lexical: torch.Tensor | None,
     ) -> tuple[torch.Tensor, DynamicCache, int, ReadInfo]:
         """SPEC 4.5: each layer retrieves with its own input's queries, inside the forward pass."""
         cfg = state.config
@@ -408,7 +463,9 @@ class Engine:
 
         def pre(layer: int, hidden: torch.Tensor) -> None:
             q = self._queries(layer, hidden, query_index, cfg.scorer)
-            scores = cand.scores(layer, q, cfg.scorer)
+            scores = cand.scores(layer, q, _latent_scorer(cfg.scorer))
+            if lexical is not None:
+                scores = _standardized(scores) + lexical.to(scores.device)
             index = select_tokens(scores, cand.field("block", layer), cand.field("age", layer), budget, exact=True)
             kl = apply_rope(cand.gather("k", layer, index).to(device=device, dtype=dtype), cos, sin)
             vl = cand.gather("v", layer, index).to(device=device, dtype=dtype)

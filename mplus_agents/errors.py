@@ -29,3 +29,8 @@ class ModelNotFoundError(MPlusError, FileNotFoundError):
 
 class PromptTooLongError(InvalidInputError):
     """Memory prefix + prompt + reply would not fit the model's positions."""
+
+
+class CheckpointError(MPlusError, ValueError):
+    """A checkpoint directory that cannot be loaded as it stands: not a checkpoint, missing or unexpected
+    weights, a shape that does not fit, or a config.json that contradicts the weights."""

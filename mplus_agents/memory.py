@@ -80,7 +80,7 @@ def replay(
     From an empty state this rebuilds exactly the state the same injections made the first time (drops
     are seeded, chunking depends only on the token stream and its batches). Returns (state, pending ids).
     """
-    current = state if state is not None else llm.empty_state(config)
+    current = state if state is not None else llm.initial_state(config)
     held = list(pending)
     for _, group in itertools.groupby(turns, key=lambda t: t.batch):
         ids: list[int] = []
@@ -106,7 +106,7 @@ class LatentMemory:
     ) -> None:
         self.llm = llm
         self.config = config or (state.config if state is not None else llm.config)
-        self._state = state if state is not None else llm.empty_state(self.config)
+        self._state = state if state is not None else llm.initial_state(self.config)
         if self._state.config != self.config:
             raise ValueError("state.config differs from the memory's config")
         self.user_id = user_id
@@ -181,9 +181,10 @@ class LatentMemory:
         return InjectReport(tokens=len(ids), chunks=state.injections - before)
 
     def reset(self) -> None:
-        """Empty the memory. Store-backed: the next `save()` deletes the saved history too."""
+        """Return to the initial state: empty, or the memory the model's checkpoint ships. Store-backed: the next
+        `save()` deletes the saved history too."""
         with self._lock:
-            self._state = self.llm.empty_state(self.config)
+            self._state = self.llm.initial_state(self.config)
             self.pending = []
             self._turns = []
             if self._binding is not None:

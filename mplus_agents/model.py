@@ -21,6 +21,7 @@ from mplus_agents.engine import Engine, MPlusWeights, ReadInfo, Sink
 from mplus_agents.errors import InvalidInputError, MemoryMismatchError, ModelNotFoundError, PromptTooLongError
 from mplus_agents.framing import Frame
 from mplus_agents.generation import DecodeResult, SamplingConfig, stream_text
+from mplus_agents.lexical import Lexicon
 from mplus_agents.memory import LatentMemory, Progress
 from mplus_agents.state import MemoryState, TokenStore
 
@@ -82,6 +83,11 @@ class MPlusLLM:
         self.engine = Engine(model, weights)
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self._sinks: dict[str, Sink] = {}
+        self.initial_memory: Any = None
+        """`checkpoints.ShippedMemory` of a checkpoint that ships a memory: what new memories start from."""
+        self.checkpoint: Any = None
+        """`checkpoints.CheckpointInfo` when loaded from an M+ checkpoint directory."""
+        self._lexicon: Lexicon | None = None
         self._memories: dict[str, LatentMemory] = {}
         self._memories_lock = threading.Lock()
         self.hook_lock = threading.RLock()
@@ -116,8 +122,15 @@ class MPlusLLM:
         device: torch.device | str | None = None,
         **model_kwargs: Any,
     ) -> MPlusLLM:
-        """Wrap a loaded model, or load one from a local directory (never from a hub)."""
+        """Wrap a loaded model, or load one from a local directory (never from a hub).
+
+        A directory whose config.json carries M+ keys (a released mplus-8b / MemoryLLM-8B checkpoint, or one
+        `mplus_agents.checkpoints.save_checkpoint` wrote) loads with its retriever, BOS vectors, adapters and
+        shipped memory, and its own memory config unless `config` is given.
+        """
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mplus_agents.checkpoints import is_checkpoint, load_checkpoint
 
         if isinstance(path_or_model, torch.nn.Module):
             model = path_or_model
@@ -129,6 +142,8 @@ class MPlusLLM:
         path = Path(path_or_model)
         if not path.is_dir():
             raise ModelNotFoundError(f"{path} is not a local model directory (nothing is downloaded from a hub)")
+        if is_checkpoint(path):
+            return load_checkpoint(path, tokenizer, config, dtype=_dtype(dtype), device=device, **model_kwargs)
         torch_dtype = _dtype(dtype) or torch.float32
         loaded: Any = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, local_files_only=True, **model_kwargs
@@ -162,6 +177,13 @@ class MPlusLLM:
             )
         return mem
 
+    def initial_state(self, config: MemoryConfig) -> MemoryState:
+        """What a new (or reset) memory starts from: the memory a checkpoint ships, else an empty state."""
+        if self.initial_memory is None:
+            return self.empty_state(config)
+        with self.hook_lock:
+            return self.initial_memory.state_for(self, config)  # type: ignore[no-any-return]
+
     def empty_state(self, config: MemoryConfig) -> MemoryState:
         s = self.engine.arch.shapes
         dtype, device = self.engine.arch.dtype, self.engine.arch.device
@@ -187,6 +209,7 @@ class MPlusLLM:
                 hidden_size=hidden,
                 score_dim=score_dim,
                 with_rf=rf,
+                with_words=config.scorer == "hybrid",
             )
 
         return MemoryState(
@@ -218,6 +241,14 @@ class MPlusLLM:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    @property
+    def lexicon(self) -> Lexicon:
+        """Word reconstruction table of this tokenizer, built on first use (the `hybrid` scorer's words)."""
+        if self._lexicon is None:
+            vocab = self.model.get_input_embeddings().weight.shape[0]
+            self._lexicon = Lexicon.from_tokenizer(self.tokenizer, vocab_size=vocab)
+        return self._lexicon
+
     def write(
         self, state: MemoryState, ids: list[int], *, progress: Progress | None = None
     ) -> tuple[list[int], MemoryState]:
@@ -239,7 +270,8 @@ class MPlusLLM:
             chunk_ids = torch.tensor(chunk, dtype=torch.long)
             with self.hook_lock:
                 if cfg.source == "input":
-                    new = self.engine.inject_input(new, sink, chunk_ids)
+                    words = self.lexicon.word_ids(chunk) if cfg.scorer == "hybrid" else None
+                    new = self.engine.inject_input(new, sink, chunk_ids, words)
                 else:
                     new = self.engine.inject_output(new, sink, chunk_ids)
             done += len(chunk)
@@ -298,7 +330,10 @@ class MPlusLLM:
         with self.hook_lock, torch.no_grad():
             self.check_fits(state, prompt, sampling.max_new_tokens)
             sink = self.sink(state.config)
-            logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index)
+            query_words = None
+            if state.config.scorer == "hybrid":
+                query_words = self.lexicon.word_ids(prompt.ids[prompt.query_index].tolist())
+            logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index, query_words)
         result = DecodeResult()
         position = [pos]
 
@@ -312,7 +347,13 @@ class MPlusLLM:
         return Generation(pieces=pieces, result=result, read=read, prompt_tokens=int(prompt.ids.numel()))
 
     def max_positions(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+        """Positions the model was trained for; linear RoPE scaling stretches them (MemoryLLM-8B: 8192 x 1.8125)."""
+        cfg = self.model.config
+        n = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
+        if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "linear":
+            n = int(n * float(rope.get("factor", 1.0)))
+        return n
 
     def check_fits(self, state: MemoryState, prompt: Prompt, max_new_tokens: int) -> None:
         """Refuse before any work when [memory prefix, prompt, reply] cannot fit the model's positions."""

@@ -17,8 +17,8 @@ import torch
 
 from mplus_agents.config import MemoryConfig
 
-OPTIONAL_FIELDS = ("hidden", "score_key", "rf")
-GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key")
+OPTIONAL_FIELDS = ("hidden", "score_key", "rf", "word")
+GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key", "word")
 """Fields kept in growth buffers by `TokenStore.append`; ages and recall counters change on every update anyway."""
 MIN_CAPACITY = 1024
 
@@ -58,6 +58,8 @@ class TokenStore:
     """[L, n, d_proj] keys of a trained retriever, computed once when the token is dropped (SPEC 4.3)."""
     rf: torch.Tensor | None = None
     """[L, n] float32 recall frequencies (long-term store only)."""
+    word: torch.Tensor | None = None
+    """[L, n] int64 id of the word starting at this token, 0 elsewhere (`input` source, `hybrid` scorer only)."""
     growth: Growth | None = field(default=None, repr=False, compare=False)
     """Private: spare capacity for `append` (not data; never persisted)."""
 
@@ -73,6 +75,7 @@ class TokenStore:
         hidden_size: int | None = None,
         score_dim: int | None = None,
         with_rf: bool = False,
+        with_words: bool = False,
     ) -> TokenStore:
         def z(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
             return torch.zeros(layers, 0, *shape, dtype=dt, device=device)
@@ -85,6 +88,7 @@ class TokenStore:
             hidden=z(hidden_size) if hidden_size is not None else None,
             score_key=z(score_dim) if score_dim is not None else None,
             rf=torch.zeros(layers, 0, dtype=torch.float32, device=device) if with_rf else None,
+            word=torch.zeros(layers, 0, dtype=torch.int64, device=device) if with_words else None,
         )
 
     @classmethod
@@ -101,6 +105,7 @@ class TokenStore:
             hidden=fields_.get("hidden"),
             score_key=fields_.get("score_key"),
             rf=fields_.get("rf"),
+            word=fields_.get("word"),
             growth=growth,
         )
 

@@ -4,8 +4,8 @@ A shard is one safetensors file holding one tensor, named by the sha256 of its b
 are stored once and an unchanged piece is never rewritten. Files are written beside their final name,
 fsynced and renamed; a reader therefore sees a complete file or none, and checks the sha256 anyway.
 
-Cutting: the large per-token fields (`k`, `v`, `hidden`, `score_key`; `[L, n, ...]`) are cut along the
-token axis into pieces of roughly `target_bytes`, covering all layers. Cut points are chosen from the
+Cutting: the per-token fields that never change (`k`, `v`, `hidden`, `score_key`, `word`; `[L, n, ...]`) are
+cut along the token axis into pieces of roughly `target_bytes`, covering all layers. Cut points are chosen from the
 content (where the retrieval-block id of layer 0 crosses a multiple of a block group), not from the index,
 so when the oldest tokens leave the pool or the long-term store, the pieces after them keep their bytes and
 their names. Small per-token fields (`age`, `block`, `rf`) change on every injection anyway (ages grow) and
@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - xxhash ships with most installs; witho
 
 TENSOR = "t"
 PARTS = ("pool", "ltm", "staging")
-TOKEN_FIELDS = ("k", "v", "hidden", "score_key")
+TOKEN_FIELDS = ("k", "v", "hidden", "score_key", "word")
 """Fields cut along the token axis; the others of a part are stored whole."""
 DEFAULT_TARGET_BYTES = 8 * 2**20
 SUFFIX = ".safetensors"

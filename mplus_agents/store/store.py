@@ -345,7 +345,7 @@ class MemoryStore:
         """Read and verify the head snapshot; returns (state fitted to `llm`, pending ids, quick-hash map)."""
         cfg = head.config
         if head.snapshot is None:
-            return llm.empty_state(cfg), [], {}
+            return llm.initial_state(cfg), [], {}
         by_kind: dict[str, list[tuple[SnapshotShard, Shard]]] = {}
         for link, shard in head.pieces:
             by_kind.setdefault(link.kind, []).append((link, shard))
