@@ -93,7 +93,7 @@ def test_labels_mark_exactly_the_relevant_chunks_tokens_through_drops_and_merges
     if source == "input":
         cfg = MemoryConfig(pool_size=64, chunk_size=32, min_chunk=8, retrieve_tokens=16, block_size=4,
                            selection="per_layer", drop_policy="random", ltm_merge_every=3, ltm_decay=0.5,
-                           ltm_initial_rf=2.0, injection_context=16)
+                           ltm_initial_rf=2.0, injection_context=16, read_pool_tokens=16)
     else:
         cfg = MemoryConfig(source="output", pool_size=24, tokens_per_chunk=6, chunk_size=32, min_chunk=8,
                            retrieve_tokens=8, block_size=1, selection="per_layer", drop_policy="random",
@@ -122,7 +122,8 @@ def test_labels_mark_exactly_the_relevant_chunks_tokens_through_drops_and_merges
                 else:
                     feats.append(llm.engine.arch.normed(layer, s.hidden[layer]))  # type: ignore[index]
             torch.testing.assert_close(data.keys[li, ids[li]], torch.cat(feats).float())
-            assert int(retrievable[li].sum()) == len(state.staging) + len(state.ltm)
+            older_pool = max(0, len(state.pool) - (cfg.read_pool_tokens or len(state.pool)))
+            assert int(retrievable[li].sum()) == len(state.staging) + len(state.ltm) + older_pool
         evicted |= int(data.written[e]) > ids.shape[1]
     assert evicted == (source == "input")  # the input config evicts by recall-frequency decay
     # Labels: exactly the surviving tokens whose block lies in a relevant segment's block range.

@@ -162,8 +162,9 @@ def collect(
     `observe(example, state, blocks)` sees the memory at each recorded query and every segment's block-id
     range so far (keyed by (document, index)); tests use it to check the labels independently.
     """
-    if config.scorer == "retriever":
-        config = config.replace(scorer="max_z")  # the retriever being trained does not score its own data
+    if config.scorer in ("retriever", "hybrid"):
+        # Collection scores nothing: the memory only needs K/V (hybrid's word ids and retriever keys are unused).
+        config = config.replace(scorer="max_z")
     layers = list(options.layers)
     rng = random.Random(f"collect-{options.seed}")
     state = llm.empty_state(config)
@@ -185,7 +186,11 @@ def collect(
     def ask(text: str, relevant: list[tuple[int, int]], kind: int) -> None:
         stores = (state.pool, state.staging, state.ltm)
         ids = torch.cat([written - 1 - s.age[layers] for s in stores], dim=1)
-        shown = torch.cat([torch.full((len(layers), len(s)), i == 0) for i, s in enumerate(stores)], dim=1)
+        # Shown at a read: the newest `read_pool_tokens` of the pool (all of it when None); the rest competes.
+        n_pool = len(state.pool)
+        n_shown = n_pool if config.read_pool_tokens is None else min(config.read_pool_tokens, n_pool)
+        shown = torch.zeros(ids.shape, dtype=torch.bool)
+        shown[:, n_pool - n_shown : n_pool] = True
         relevant_ids = torch.zeros(ids.shape[1], dtype=torch.bool)
         for lo, hi in relevant:
             relevant_ids |= (ids[0] >= lo) & (ids[0] < hi)

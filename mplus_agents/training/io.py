@@ -135,11 +135,15 @@ def write_checkpoint(path: Path, llm: MPlusLLM, base_model: str) -> None:
 
 
 def save_trained(path: Path, llm: MPlusLLM, base_model: str) -> str:
-    """Write the checkpoint directory with the shared writer when available; returns which writer ran."""
+    """Write the checkpoint directory with the shared writer when available; returns which writer ran.
+
+    The shared writer replaces the whole directory, so callers write their own extra files afterwards.
+    """
     try:
-        from mplus_agents.checkpoints import save_checkpoint  # type: ignore[import-not-found,attr-defined,unused-ignore]
-    except ImportError:
+        from mplus_agents.checkpoints import save_checkpoint
+    except ImportError:  # a checkout without the loader branch: the same layout, written here
         write_checkpoint(path, llm, base_model)
         return "mplus_agents.training.io.write_checkpoint"
-    save_checkpoint(path, llm)
+    has_files = getattr(llm.tokenizer, "save_pretrained", None) is not None
+    save_checkpoint(path, llm, overwrite=True, save_tokenizer=has_files)
     return "mplus_agents.checkpoints.save_checkpoint"

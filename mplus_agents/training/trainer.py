@@ -325,8 +325,7 @@ def train(
     opts = options or TrainOptions()
     if opts.steps < 1 or opts.batch < 1 or opts.save_every < 1 or opts.lr <= 0:
         raise InvalidInputError("steps, batch and save_every must be >= 1 and lr > 0")
-    cfg = (config or llm.config).replace(scorer="max_z") if (config or llm.config).scorer == "retriever" \
-        else (config or llm.config)
+    cfg = config or llm.config
     layers = trained_layers(cfg, llm.engine.arch.shapes.layers)
     copts = collect_options or CollectOptions(layers=layers, seed=opts.seed)
     if tuple(copts.layers) != tuple(layers):
@@ -398,13 +397,13 @@ def train(
     trained = attach_retriever(llm, retriever, trained_cfg)
     meta = dict(memory_config=json.loads(trained_cfg.to_json()), base_model=name, source=cfg.source, steps=step,
                 final_loss=_mean_tail(losses))
+    result.writer = save_trained(out, trained, name)  # replaces the directory (and train_state) as a whole
     save_retriever(out, retriever, list(layers), meta)
-    result.writer = save_trained(out, trained, name)
     (out / "training.json").write_text(json.dumps(dict(
         identity=identity, steps=step, losses=losses, examples=len(data), memory_tokens=result.memory_tokens,
         seconds_collect=round(seconds_collect, 1), seconds_train=round(seconds_train, 1), writer=result.writer,
     ), indent=1))
-    shutil.rmtree(state_dir)
+    shutil.rmtree(state_dir, ignore_errors=True)
     return result
 
 
