@@ -44,6 +44,27 @@ app = typer.Typer(
 
 DEFAULT_FILE = "default.mplus"
 QUIT_COMMANDS = ("/quit", "/exit")
+MODEL_ENV = "MPLUS_MODEL"
+_model_dir: str | None = None
+"""The `--model` of the running command (None: the embedded default)."""
+
+
+@app.callback()
+def global_options(
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            envvar=MODEL_ENV,
+            help="Local model directory: a Hugging Face model or an M+ checkpoint (mplus-8b, memoryllm-8b, or what "
+            "`mplus train` saved). Default: the embedded SmolLM2-135M-Instruct.",
+        ),
+    ] = None,
+) -> None:
+    """Global options, read before any command runs (typer fills `model` from $MPLUS_MODEL too)."""
+    global _model_dir
+    _model_dir = str(model) if model is not None else None
 
 
 def data_dir() -> Path:
@@ -84,13 +105,20 @@ def user_errors() -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-@functools.cache
 def load_llm() -> MPlusLLM:
-    """The embedded SmolLM2 (cached: tests drive several commands in one process)."""
+    """The model of `--model` / $MPLUS_MODEL, else the embedded SmolLM2."""
+    return _load_llm(_model_dir)
+
+
+@functools.cache
+def _load_llm(model_dir: str | None) -> MPlusLLM:
+    """Cached per directory: tests drive several commands in one process."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return MPlusLLM.from_default()
+    if model_dir is None:
+        return MPlusLLM.from_default()
+    return MPlusLLM.from_pretrained(Path(model_dir).expanduser())
 
 
 def open_memory(llm: MPlusLLM, path: Path | None) -> LatentMemory:

@@ -24,7 +24,7 @@ from mplus_agents.hf.hooks import capture_kv, layer_hooks
 from mplus_agents.lexical import bm25_block_scores
 from mplus_agents.lora import UPDATE, LoRA
 from mplus_agents.ops import KeyFn, add_to_pool
-from mplus_agents.retrieval import head_mean_logits, max_standardized, projector_scores, select_tokens, token_scores
+from mplus_agents.retrieval import max_z_scores, projector_scores, select_tokens, token_scores
 from mplus_agents.retriever import Retriever, kv_features
 from mplus_agents.state import MemoryState, TokenStore
 
@@ -112,7 +112,7 @@ class Candidates:
         if scorer == "retriever":  # q holds f_q outputs [T, dim]; keys were projected once, at injection
             return torch.cat([projector_scores(q.to(p.k.device), self._score_key(p)[layer]) for p in self.parts])
         if scorer == "max_z":  # standardised over all candidates, so the parts' logits are joined first
-            return max_standardized(torch.cat([head_mean_logits(q.to(p.k.device), p.k[layer]) for p in self.parts], 1))
+            return max_z_scores(q, [p.k[layer] for p in self.parts])
         return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer) for p in self.parts])
 
     @staticmethod

@@ -245,7 +245,7 @@ class MPlusLLM:
     def lexicon(self) -> Lexicon:
         """Word reconstruction table of this tokenizer, built on first use (the `hybrid` scorer's words)."""
         if self._lexicon is None:
-            vocab = self.model.get_input_embeddings().weight.shape[0]
+            vocab = cast(Any, self.model).get_input_embeddings().weight.shape[0]
             self._lexicon = Lexicon.from_tokenizer(self.tokenizer, vocab_size=vocab)
         return self._lexicon
 

@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from mplus_agents.kernels import dispatch
 from mplus_agents.ops import order_oldest_first
 
 SCORE_CHUNK = 65536
@@ -26,8 +27,10 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
 
     q: [T, heads, head_dim] pre-RoPE queries of the prompt's query tokens.
     k: [n, kv_heads, head_dim] pre-RoPE candidate keys.
-    Returns [n] float32 scores.
+    Returns [n] float32 scores. On CUDA with triton installed, sigmoid_mean and max_logit run the fused kernel.
     """
+    if k.is_cuda and (fused := dispatch.token_scores(q, k, scorer)) is not None:
+        return fused
     t, heads, head_dim = q.shape
     n, kv_heads, _ = k.shape
     if n == 0 or t == 0:
@@ -83,11 +86,23 @@ def max_standardized(logits: torch.Tensor) -> torch.Tensor:
     return ((logits - mean) / std).amax(dim=0)
 
 
+def max_z_scores(q: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+    """`max_z` over candidate keys split into parts ([n_i, kv_heads, head_dim] each), standardised over all.
+
+    Returns [sum n_i] float32. On CUDA with triton installed, a two-pass kernel without the [T, n] logits.
+    """
+    if parts and parts[0].is_cuda and (fused := dispatch.max_z_scores(q, parts)) is not None:
+        return fused
+    return max_standardized(torch.cat([head_mean_logits(q.to(k.device), k) for k in parts], 1))
+
+
 def projector_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """SPEC 4.5 with a trained retriever: mean_t sigmoid(f_q(x_t) . f_k(m_j)), no scaling.
 
-    q: [T, d_proj]; keys: [n, d_proj]. Returns [n] float32.
+    q: [T, d_proj]; keys: [n, d_proj]. Returns [n] float32. On CUDA with triton installed, the fused kernel.
     """
+    if keys.is_cuda and (fused := dispatch.projector_scores(q, keys)) is not None:
+        return fused
     if keys.shape[0] == 0 or q.shape[0] == 0:
         return torch.zeros(keys.shape[0], dtype=torch.float32, device=keys.device)
     out = torch.empty(keys.shape[0], dtype=torch.float32, device=keys.device)

@@ -206,3 +206,24 @@ def test_chat_with_user_keeps_memory_in_the_store(tmp_path, smol) -> None:
     users = run("users", "--store", store)
     assert users.exit_code == 0 and "ada" in users.stdout
     assert run("history", "ada", "--store", store, "--json").stdout.count("\n") >= 2
+
+
+def test_model_option_opens_a_local_checkpoint(tmp_path, smol_tokenizer) -> None:
+    """`mplus --model DIR` serves any local model directory; a missing one is a clear error, not a download."""
+    from mplus_agents.checkpoints import save_checkpoint
+
+    model = tiny_llama(vocab_size=len(smol_tokenizer), tie_word_embeddings=True)
+    llm = MPlusLLM(model, smol_tokenizer, MemoryConfig(pool_size=64, chunk_size=32, min_chunk=8))
+    ckpt = save_checkpoint(tmp_path / "tiny", llm)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The tiny model remembers this paragraph.\n")
+    mem = tmp_path / "m.mplus"
+    result = runner.invoke(app, ["--model", str(ckpt), "inject", str(doc), "--memory", str(mem)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["--model", str(ckpt), "stats", "--memory", str(mem)])
+    assert result.exit_code == 0 and "tokens injected" in result.output.lower()
+    # The memory was written by the tiny model: the embedded default refuses it by name.
+    result = runner.invoke(app, ["stats", "--memory", str(mem)])
+    assert result.exit_code != 0 and "model" in result.output.lower()
+    result = runner.invoke(app, ["--model", str(tmp_path / "nowhere"), "stats", "--memory", str(mem)])
+    assert result.exit_code != 0 and "not a local model directory" in result.output

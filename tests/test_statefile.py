@@ -208,3 +208,27 @@ def test_metadata_is_plain_json_not_pickle(saved) -> None:
     assert json.loads(metadata["model"])["layers"] == 3
     assert metadata["format"] == "mplus-memory"
     assert issubclass(MemoryFileError, MPlusError)
+
+
+def test_fingerprint_covers_the_mplus_additions() -> None:
+    """Same backbone, different retriever / BOS vectors: a memory of one must not be read by the other."""
+    from mplus_agents.engine import MPlusWeights
+    from mplus_agents.retriever import Retriever
+
+    def llm_with(seed: int | None, bos_scale: float | None = None) -> MPlusLLM:
+        weights = MPlusWeights()
+        if seed is not None:
+            torch.manual_seed(seed)
+            weights.retriever = Retriever(3, 48, 32, dim=8, key_input="kv")
+        if bos_scale is not None:
+            weights.bos = torch.full((3, 1, 48), bos_scale)
+        cfg = MemoryConfig(pool_size=32, chunk_size=16, min_chunk=8)
+        return MPlusLLM(tiny_llama(), CharTokenizer(), cfg, weights=weights)
+
+    plain = model_fingerprint(llm_with(None))
+    assert plain == model_fingerprint(llm_with(None))
+    assert plain["weights_sha256"] != model_fingerprint(llm_with(1))["weights_sha256"]
+    assert model_fingerprint(llm_with(1))["weights_sha256"] != model_fingerprint(llm_with(2))["weights_sha256"]
+    assert model_fingerprint(llm_with(None, 0.5))["weights_sha256"] != model_fingerprint(llm_with(None, 0.25))[
+        "weights_sha256"
+    ]

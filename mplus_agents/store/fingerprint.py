@@ -48,7 +48,24 @@ SAMPLES_PER_PARAMETER = 1024
 _cache: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
-def _weights_sha256(model: torch.nn.Module) -> str:
+def _named_weights(llm: MPlusLLM) -> dict[str, torch.Tensor]:
+    """The base model's parameters plus the M+ additions (adapters, retriever, BOS vectors, e_new).
+
+    Two checkpoints can share a backbone and differ only in what M+ adds on top; a memory written under one
+    must not be read under the other, so the additions are part of the fingerprint.
+    """
+    out: dict[str, torch.Tensor] = dict(llm.model.named_parameters())
+    extra = llm.engine.weights
+    for prefix, module in (("mplus.lora", extra.adapters), ("mplus.retriever", extra.retriever)):
+        if module is not None:
+            out.update({f"{prefix}.{name}": p for name, p in module.named_parameters()})
+    for name, t in (("mplus.bos", extra.bos), ("mplus.new_memory_emb", extra.new_memory_emb)):
+        if t is not None:
+            out[name] = t
+    return out
+
+
+def _weights_sha256(weights: dict[str, torch.Tensor]) -> str:
     """A hash of a strided sample of every parameter, rounded to bfloat16.
 
     Hashing every weight of a multi-GB model on each open would cost seconds; a fine-tune or another
@@ -58,7 +75,7 @@ def _weights_sha256(model: torch.nn.Module) -> str:
     """
     h = hashlib.sha256()
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters(), key=lambda item: item[0]):
+        for name, p in sorted(weights.items(), key=lambda item: item[0]):
             flat = p.detach().reshape(-1)
             step = max(1, flat.numel() // SAMPLES_PER_PARAMETER)
             sample = flat[::step][:SAMPLES_PER_PARAMETER].to("cpu", torch.bfloat16).view(torch.int16)
@@ -88,7 +105,7 @@ def model_fingerprint(llm: MPlusLLM) -> dict[str, Any]:
     fp: dict[str, Any] = {
         "name": llm.name,
         "config_sha256": _config_sha256(llm),
-        "weights_sha256": _weights_sha256(llm.model),
+        "weights_sha256": _weights_sha256(_named_weights(llm)),
         "tokenizer_class": type(tok).__name__,
         "vocab_size": vocab,
         "layers": shapes.layers,
