@@ -54,6 +54,8 @@ from common import (
 )
 from conversation import Conversation, Turn
 
+from mplus_agents import LatentMemory, MPlusLLM
+
 SYSTEMS = ("latent", "full_context", "bm25_rag")
 MB = 1024 * 1024
 
@@ -68,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--build-batch", type=int, default=1,
                    help="turns per inject_many call while building the latent history (not timed)")
     p.add_argument("--no-isolate", action="store_true", help="run all systems in this process")
+    p.add_argument(
+        "--interleave", action="store_true",
+        help="latent: build the longest history first, keeping the memory state at every length, then measure "
+        "the lengths in rounds (2k, 32k, 160k, 2k, ...) so a shared CPU's load hits every length alike",
+    )
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
     p.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
@@ -110,7 +117,67 @@ class History:
         return facts[i % len(facts)].question
 
 
+def latent_turn(llm: MPlusLLM, mem: LatentMemory, message: str, new_tokens: int) -> dict[str, float]:
+    """One chat turn: read + forced decode, then inject the exchange, as a chat app does."""
+    reply, read_s, decode_s, read = latent_turn_forced(llm, mem, message, new_tokens)
+    t = time.perf_counter()
+    mem.inject_many([message, reply.strip() or "..."], roles=["user", "assistant"])
+    inject_s = time.perf_counter() - t
+    return dict(turn_s=read_s + decode_s + inject_s, read_s=read_s, decode_s=decode_s, inject_s=inject_s,
+                retrieved_tokens=read.retrieved_tokens, prefix_tokens=read.prefix_tokens)
+
+
+def summary_row(system: str, length: int, history_tokens: int, build_s: float, turns: list[dict[str, float]],
+                mem: LatentMemory | None) -> dict[str, Any]:
+    row: dict[str, Any] = dict(system=system, length=length, history_tokens=history_tokens,
+                               turns=len(turns), build_s=round(build_s, 1))
+    if turns:
+        for key in turns[0]:
+            row[key] = round(statistics.median(t[key] for t in turns), 4)
+    row["loadavg_1m"] = round(os.getloadavg()[0], 1)  # the CPU may be shared: context for the timings
+    row["rss_mb"] = round(rss_bytes() / MB)
+    row["peak_rss_mb"] = round(peak_rss_bytes() / MB)
+    if mem is not None:
+        st = mem.stats()
+        row.update(memory_mb=round(st.bytes / MB, 1), pool_tokens=st.pool_tokens,
+                   long_term_tokens=st.long_term_tokens)
+    print(f"  {system} @ {length}: {json.dumps(row)}", flush=True)
+    return row
+
+
+def measure_interleaved(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Latent only: every length's memory kept (states are immutable, so older ones share the buffers)."""
+    llm = load_llm(args)
+    hist = History(Tokens(llm), args.seed)
+    mem = llm.new_memory()
+    states: dict[int, tuple[Any, int, float]] = {}
+    for length in sorted(set(args.lengths)):
+        t0 = time.perf_counter()
+        new = hist.grow_to(length)
+        for i in range(0, len(new), args.build_batch):
+            part = new[i : i + args.build_batch]
+            mem.inject_many(part, roles=["user"] * len(part))
+        states[length] = (mem.state, hist.tokens, time.perf_counter() - t0)
+        print(f"  built {length}: {hist.tokens} tokens", flush=True)
+    turns: dict[int, list[dict[str, float]]] = {length: [] for length in states}
+    for i in range(args.turns):
+        for length, (state, tokens, build_s) in states.items():
+            # Each length's conversation goes on from its own memory, one turn per round. (Going back to the
+            # same state every round would make the longest memory copy its long-term store, which a real
+            # chat never does: its store grows in place.)
+            mem.replace_state(state)
+            turns[length].append(latent_turn(llm, mem, hist.message(i), args.new_tokens))
+            states[length] = (mem.state, tokens, build_s)
+    rows = []
+    for length, (state, tokens, build_s) in states.items():
+        mem.replace_state(state)
+        rows.append(summary_row("latent", length, tokens, build_s, turns[length], mem))
+    return rows, run_info(args, llm)
+
+
 def measure(system: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    if system == "latent" and args.interleave:
+        return measure_interleaved(args)
     llm = load_llm(args)
     tok = Tokens(llm)
     hist = History(tok, args.seed)
@@ -133,13 +200,7 @@ def measure(system: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
             asked += 1
             if system == "latent":
                 assert mem is not None
-                reply, read_s, decode_s, read = latent_turn_forced(llm, mem, message, args.new_tokens)
-                t = time.perf_counter()
-                mem.inject_many([message, reply.strip() or "..."], roles=["user", "assistant"])
-                inject_s = time.perf_counter() - t
-                turns.append(dict(turn_s=read_s + decode_s + inject_s, read_s=read_s, decode_s=decode_s,
-                                  inject_s=inject_s, retrieved_tokens=read.retrieved_tokens,
-                                  prefix_tokens=read.prefix_tokens))
+                turns.append(latent_turn(llm, mem, message, args.new_tokens))
             elif system == "full_context":
                 ids = tok.framed(hist.texts, message)
                 if len(ids) > limit:
@@ -161,20 +222,7 @@ def measure(system: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]]
                 turns.append(dict(turn_s=retrieve_s + gen_s, retrieve_s=retrieve_s, decode_s=gen_s,
                                   index_s=index_s, prompt_tokens=len(ids), new_tokens=n_new))
             hist.add(message)
-        row: dict[str, Any] = dict(system=system, length=length, history_tokens=history_tokens,
-                                   turns=len(turns), build_s=round(build_s, 1))
-        if turns:
-            for key in turns[0]:
-                row[key] = round(statistics.median(t[key] for t in turns), 4)
-        row["loadavg_1m"] = round(os.getloadavg()[0], 1)  # the CPU may be shared: context for the timings
-        row["rss_mb"] = round(rss_bytes() / MB)
-        row["peak_rss_mb"] = round(peak_rss_bytes() / MB)
-        if mem is not None:
-            st = mem.stats()
-            row.update(memory_mb=round(st.bytes / MB, 1), pool_tokens=st.pool_tokens,
-                       long_term_tokens=st.long_term_tokens)
-        rows.append(row)
-        print(f"  {system} @ {length}: {json.dumps(row)}", flush=True)
+        rows.append(summary_row(system, length, history_tokens, build_s, turns, mem))
     return rows, run_info(args, llm)
 
 
