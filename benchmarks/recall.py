@@ -24,8 +24,10 @@ at most N tokens of the model's tokenizer. Outputs: a table on stdout, `recall*.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from common import (
@@ -51,6 +53,9 @@ from mplus_agents import LatentMemory, MPlusLLM
 from mplus_agents.engine import ReadInfo
 
 SYSTEMS = ("no_memory", "fact_alone", "full_context", "bm25_rag", "latent")
+VIEWS = {"latent_max_z": "max_z", "latent_retriever": "retriever"}
+"""Extra latent systems with `--retriever DIR`: the same memory (written once, with retriever keys) read with
+another scorer, so every scorer sees exactly the same memory tokens."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="filler turns per inject_many call (1 = one inject per turn, like a chat; fact turns always alone)",
     )
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the CSV in --out")
+    p.add_argument(
+        "--retriever", type=Path, default=None,
+        help="a `mplus train` output dir: also read the latent memory with the trained retriever and with max_z",
+    )
     add_common_args(p)
     return p.parse_args(argv)
 
@@ -82,6 +91,31 @@ def fact_location(mem: LatentMemory, blocks: range, read: ReadInfo) -> str:
     if not layers or hit == 0:
         return "missed"
     return "retrieved" if hit == len(layers) else f"retrieved@{hit}/{len(layers)}layers"
+
+
+def views(llm: MPlusLLM, mem: LatentMemory, args: argparse.Namespace) -> dict[str, LatentMemory]:
+    """The `VIEWS` systems: `mem`'s current state under another scorer (nothing is re-injected)."""
+    if args.retriever is None:
+        return {}
+    out = {}
+    for name, scorer in VIEWS.items():
+        cfg = mem.config.replace(scorer=scorer)
+        view = llm.new_memory(cfg)
+        view.replace_state(dataclasses.replace(mem.state, config=cfg))
+        out[name] = view
+    return out
+
+
+def attach(llm: MPlusLLM, args: argparse.Namespace) -> MPlusLLM:
+    """The same model with the trained retriever of `--retriever` (its keys are written at injection)."""
+    if args.retriever is None:
+        return llm
+    from mplus_agents.training import attach_retriever, load_retriever
+
+    retriever, meta = load_retriever(args.retriever)
+    print(f"trained retriever from {args.retriever}: layers {meta['layers']}, dim {meta['dim']}, "
+          f"{meta.get('steps')} steps", flush=True)
+    return attach_retriever(llm, retriever, llm.config)
 
 
 class Recorder:
@@ -141,6 +175,12 @@ def ask_at_length(
             rec.times[("latent", length)] += t.seconds
             rec.add("latent", length, f, reply, fact_read=fact_location(mem, fact_blocks[f.key], read),
                     retrieved_tokens=read.retrieved_tokens, prefix_tokens=read.prefix_tokens)
+        for name, view in views(llm, mem, args).items():
+            with Timer() as t:
+                reply, read = latent_generate(llm, view, f.question, args.max_new_tokens)
+            rec.times[(name, length)] += t.seconds
+            rec.add(name, length, f, reply, fact_read=fact_location(view, fact_blocks[f.key], read),
+                    retrieved_tokens=read.retrieved_tokens, prefix_tokens=read.prefix_tokens)
         if "full_context" in args.systems:
             ids = tok.framed(texts, f.question)
             if len(ids) <= limit:
@@ -160,7 +200,7 @@ def ask_at_length(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    llm = load_llm(args)
+    llm = attach(load_llm(args), args)
     tok = Tokens(llm)
     conv = Conversation(seed=args.seed, n_facts=args.n_facts)
     facts = conv.facts
@@ -227,7 +267,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if "latent" in args.systems:
             st = mem.stats()
-            rate.update(pool_tokens=st.pool_tokens, long_term_tokens=st.long_term_tokens, memory_bytes=st.bytes)
+            ltm_bytes = sum(t.numel() * t.element_size() for p in (mem.state.ltm, mem.state.staging)
+                            for t in p.tensors().values())
+            rate.update(pool_tokens=st.pool_tokens, long_term_tokens=st.long_term_tokens, memory_bytes=st.bytes,
+                        ltm_bytes=ltm_bytes)
         throughput.append(rate)
         print(f"[{length}] history {total} tokens in {len(history)} turns; injection {rate['segment_tok_per_s']} "
               f"tok/s this segment, {rate['cumulative_tok_per_s']} overall; asking {len(facts)} questions",
@@ -266,11 +309,16 @@ def summarise(rec: Recorder, facts: list[Fact], lengths: list[int], args: argpar
         lines += [("bm25_rag", "nolex", "hit"), ("bm25_rag", None, "fact_in_top")]
     if "latent" in args.systems:
         lines += [("latent", "nolex", "hit"), ("latent", None, "fact_read")]
+    if args.retriever is not None:
+        for name in VIEWS:
+            lines += [(name, None, "hit"), (name, "nolex", "hit"), (name, None, "fact_read")]
     names = {
         ("bm25_rag", "nolex", "hit"): "bm25_rag, no-overlap questions",
         ("latent", "nolex", "hit"): "latent, no-overlap questions",
         ("bm25_rag", None, "fact_in_top"): f"bm25: fact turn in top {args.top_k}",
         ("latent", None, "fact_read"): "latent: fact tokens read (pool or retrieved)",
+        **{(v, "nolex", "hit"): f"{v}, no-overlap questions" for v in VIEWS},
+        **{(v, None, "fact_read"): f"{v}: fact tokens read" for v in VIEWS},
     }
     rows: list[list[str]] = []
     csv_rows: list[dict[str, Any]] = []
@@ -312,11 +360,12 @@ def plot(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for r in summary["csv"]:
-        if r["hits"] is not None and r["row"] in SYSTEMS:
+        if r["hits"] is not None and (r["row"] in SYSTEMS or r["row"] in VIEWS):
             series[r["row"]].append((r["length"], r["hits"] / r["n"]))
     # Distinct line styles and markers: latent and full context often coincide while everything fits the pool.
     styles = {"no_memory": (":", "v"), "fact_alone": ("--", "^"), "full_context": ("-", "s"),
-              "bm25_rag": ("-", "D"), "latent": ("-", "o")}
+              "bm25_rag": ("-", "D"), "latent": ("-", "o"), "latent_max_z": ("--", "x"),
+              "latent_retriever": ("-", "P")}
     for name, pts in series.items():
         xs, ys = zip(*pts, strict=True)
         line, marker = styles.get(name, ("-", "o"))

@@ -32,6 +32,7 @@ from mplus_agents.memory import InjectReport, LatentMemory, MemoryStats
 from mplus_agents.model import MPlusLLM
 from mplus_agents.store.cli_commands import StoreOption, open_user_memory
 from mplus_agents.store.cli_commands import register as register_store_commands
+from mplus_agents.training.cli_command import register as register_train_command
 
 app = typer.Typer(
     help="Chat with an LLM whose memory of the conversation lives in its attention keys and values (M+).\n\n"
@@ -352,6 +353,7 @@ def stats(memory: MemoryOption = None) -> None:
 
 
 register_store_commands(app)
+register_train_command(app)
 
 
 def main() -> None:

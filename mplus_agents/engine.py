@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from mplus_agents.fast import FastDecoder
 from mplus_agents.hf.arch import Arch, apply_rope
 from mplus_agents.hf.hooks import capture_kv, layer_hooks
+from mplus_agents.index import LayerCandidates, LTMIndex, ShortlistIndex, approximate_shared_select, make_index
 from mplus_agents.lexical import bm25_block_scores
 from mplus_agents.lora import UPDATE, LoRA
 from mplus_agents.ops import KeyFn, add_to_pool
@@ -103,6 +104,7 @@ class Candidates:
     def __init__(self, state: MemoryState, extra: TokenStore | None = None) -> None:
         parts = (state.ltm, state.staging) if extra is None else (state.ltm, state.staging, extra)
         self.parts = [p for p in parts if len(p)]
+        self.index_kind = state.config.ltm_index if len(state.ltm) else "exact"  # only the merged store is indexed
         self.offsets = [0]
         for p in self.parts:
             self.offsets.append(self.offsets[-1] + len(p))
@@ -114,8 +116,20 @@ class Candidates:
         if scorer == "retriever":  # q holds f_q outputs [T, dim]; keys were projected once, at injection
             return torch.cat([projector_scores(q.to(p.k.device), self._score_key(p)[layer]) for p in self.parts])
         if scorer == "max_z":  # standardised over all candidates, so the parts' logits are joined first
-            return max_z_scores(q, [p.k[layer] for p in self.parts])
-        return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer) for p in self.parts])
+            return max_z_scores(q, [p.k[layer] for p in self.parts], [p.scale("k", layer) for p in self.parts])
+        return torch.cat([token_scores(q.to(p.k.device), p.k[layer], scorer, p.scale("k", layer)) for p in self.parts])
+
+    def index(self, layer: int) -> LTMIndex:
+        """One layer's candidates behind `config.ltm_index` (mplus_agents.index)."""
+        keys = [p.k[layer] for p in self.parts]
+        return make_index(self.index_kind, LayerCandidates(keys, self.field("block", layer), self.field("age", layer)))
+
+    def select(self, layer: int, q: torch.Tensor, scorer: str, budget: int) -> torch.Tensor:
+        """A `per_layer` selection; the trained retriever scores its own keys, so it bypasses the key index."""
+        if scorer != "retriever":
+            return self.index(layer).select(q, scorer, budget, exact=True)
+        scores = self.scores(layer, q, scorer)
+        return select_tokens(scores, self.field("block", layer), self.field("age", layer), budget, exact=True)
 
     @staticmethod
     def _score_key(part: TokenStore) -> torch.Tensor:
@@ -127,13 +141,14 @@ class Candidates:
         return torch.cat([getattr(p, name)[layer] for p in self.parts])
 
     def gather(self, name: str, layer: int, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` (into the concatenation, order kept) of field `name` in one layer."""
+        """Rows `index` (into the concatenation, order kept) of field `name` in one layer; int8 rows dequantised."""
         first = getattr(self.parts[0], name)
-        out = torch.empty(index.numel(), *first.shape[2:], dtype=first.dtype, device=first.device)
+        dtype = torch.float32 if self.parts[0].scale(name, layer) is not None else first.dtype
+        out = torch.empty(index.numel(), *first.shape[2:], dtype=dtype, device=first.device)
         for p, lo, hi in zip(self.parts, self.offsets, self.offsets[1:], strict=False):
             mask = (index >= lo) & (index < hi)
             if bool(mask.any()):
-                out[mask] = getattr(p, name)[layer, index[mask] - lo].to(out.dtype)
+                out[mask] = p.rows(name, layer, index[mask] - lo, out.dtype)
         return out
 
     def take_shared(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,6 +465,11 @@ class Engine:
         v = torch.cat([sink.v, state.pool.v.to(sink.v.dtype)], dim=1)
         with layer_hooks(self.arch, pre=pre), contextlib.suppress(_PrePassDone):
             self.forward(self._rope_cache(k, v), ids, k.shape[1])
+        if cand.index_kind == "faiss_ivf" and lexical is None and cfg.scorer != "retriever":  # approximate, opt-in
+            layer_index = {layer: cast(ShortlistIndex, cand.index(layer)) for layer in queries}
+            got = approximate_shared_select(layer_index, queries, _latent_scorer(cfg.scorer), cfg.retrieve_tokens)
+            if got is not None:
+                return got
         total = torch.zeros(len(cand), dtype=torch.float32, device=cand.parts[0].k.device)
         for layer, q in queries.items():
             # Layers score on different scales; standardise so each layer gets one vote of equal weight.
@@ -482,10 +502,12 @@ class Engine:
 
         def pre(layer: int, hidden: torch.Tensor) -> None:
             q = self._queries(layer, hidden, query_index, cfg.scorer)
-            scores = cand.scores(layer, q, _latent_scorer(cfg.scorer))
-            if lexical is not None:
+            if lexical is None:
+                index = cand.select(layer, q, _latent_scorer(cfg.scorer), budget)
+            else:  # hybrid: lexical evidence moves every candidate's score, so the whole store is scored
+                scores = cand.scores(layer, q, _latent_scorer(cfg.scorer))
                 scores = _standardized(scores) + lexical.to(scores.device)
-            index = select_tokens(scores, cand.field("block", layer), cand.field("age", layer), budget, exact=True)
+                index = select_tokens(scores, cand.field("block", layer), cand.field("age", layer), budget, exact=True)
             kl = apply_rope(cand.gather("k", layer, index).to(device=device, dtype=dtype), cos, sin)
             vl = cand.gather("v", layer, index).to(device=device, dtype=dtype)
             cache_layer: Any = cache.layers[layer]

@@ -15,21 +15,31 @@ import math
 
 import torch
 
+from mplus_agents import quant
 from mplus_agents.kernels import dispatch
 from mplus_agents.ops import order_oldest_first
 
 SCORE_CHUNK = 65536
 """Candidates scored per matmul, which bounds the [T, heads, chunk] temporary."""
+QUANT_CHUNK = 8192
+"""int8 keys dequantised per step (a float32 temporary of QUANT_CHUNK x kv_heads x head_dim, 6 MB on SmolLM2)."""
 
 
-def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
+def _chunk(k: torch.Tensor, k_scale: torch.Tensor | None, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    if k_scale is None:
+        return k[start:stop]
+    return quant.dequantize(k[start:stop], k_scale[start:stop], dtype)
+
+
+def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Score each candidate key against a set of queries.
 
     q: [T, heads, head_dim] pre-RoPE queries of the prompt's query tokens.
-    k: [n, kv_heads, head_dim] pre-RoPE candidate keys.
-    Returns [n] float32 scores. On CUDA with triton installed, sigmoid_mean and max_logit run the fused kernel.
+    k: [n, kv_heads, head_dim] pre-RoPE candidate keys (float, or int8 with `k_scale` [n, kv_heads]).
+    Returns [n] float32 scores. On CUDA with triton installed, sigmoid_mean and max_logit over float keys run
+    the fused kernel.
     """
-    if k.is_cuda and (fused := dispatch.token_scores(q, k, scorer)) is not None:
+    if k_scale is None and k.is_cuda and (fused := dispatch.token_scores(q, k, scorer)) is not None:
         return fused
     t, heads, head_dim = q.shape
     n, kv_heads, _ = k.shape
@@ -38,18 +48,21 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
     groups = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim)
     out = torch.empty(n, dtype=torch.float32, device=k.device)
+    step = QUANT_CHUNK if k_scale is not None else SCORE_CHUNK
     if scorer == "max_logit":
-        for start in range(0, n, SCORE_CHUNK):
-            out[start : start + SCORE_CHUNK] = head_mean_logits(q, k[start : start + SCORE_CHUNK]).amax(dim=0)
+        for start in range(0, n, step):
+            sc = None if k_scale is None else k_scale[start : start + step]
+            out[start : start + step] = head_mean_logits(q, k[start : start + step], sc).amax(dim=0)
         return out
     if scorer == "max_z":
-        return max_standardized(head_mean_logits(q, k))
+        return max_standardized(head_mean_logits(q, k, k_scale))
     if scorer != "sigmoid_mean":
         raise ValueError(f"unknown scorer {scorer!r}")
     # sigmoid is not linear: one GEMM per KV head over the strided [n, head_dim] view (BLAS reads it in place).
-    qg = q.to(k.dtype).reshape(t, kv_heads, groups, head_dim)
-    for start in range(0, n, SCORE_CHUNK):
-        kc = k[start : start + SCORE_CHUNK]
+    kdtype = torch.float32 if k_scale is not None else k.dtype
+    qg = q.to(kdtype).reshape(t, kv_heads, groups, head_dim)
+    for start in range(0, n, step):
+        kc = _chunk(k, k_scale, start, start + step, kdtype)
         acc = torch.zeros(kc.shape[0], dtype=torch.float32, device=k.device)
         for h in range(kv_heads):
             logits = (qg[:, h].reshape(t * groups, head_dim) @ kc[:, h].T).float() * scale
@@ -58,18 +71,26 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, scorer: str) -> torch.Tensor:
     return out
 
 
-def head_mean_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def head_mean_logits(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """[T, n] float32: mean over query heads of q.k/sqrt(head_dim), each query head against its KV head.
 
     The head mean is linear, so it folds into the query: mean_h q_h.k_h = (q_bar . k_flat) / kv_heads with
     q_bar the group-mean query per KV head. One contiguous GEMM [T, kv*hd] x [kv*hd, n], no copies of k.
+    int8 keys (with `k_scale` [n, kv_heads]) are dequantised `QUANT_CHUNK` rows at a time instead.
     """
     t, heads, head_dim = q.shape
     n, kv_heads, _ = k.shape
     groups = heads // kv_heads
     q_bar = q.reshape(t, kv_heads, groups, head_dim).mean(dim=2).reshape(t, kv_heads * head_dim)
-    q_bar = (q_bar * (1.0 / (math.sqrt(head_dim) * kv_heads))).to(k.dtype)
-    return (q_bar @ k.reshape(n, kv_heads * head_dim).T).float()
+    q_bar = q_bar * (1.0 / (math.sqrt(head_dim) * kv_heads))
+    if k_scale is None:
+        return (q_bar.to(k.dtype) @ k.reshape(n, kv_heads * head_dim).T).float()
+    q_bar = q_bar.float()
+    out = torch.empty(t, n, dtype=torch.float32, device=k.device)
+    for start in range(0, n, QUANT_CHUNK):
+        kc = quant.dequantize(k[start : start + QUANT_CHUNK], k_scale[start : start + QUANT_CHUNK])
+        out[:, start : start + kc.shape[0]] = q_bar @ kc.reshape(kc.shape[0], kv_heads * head_dim).T
+    return out
 
 
 def max_standardized(logits: torch.Tensor) -> torch.Tensor:
@@ -86,14 +107,21 @@ def max_standardized(logits: torch.Tensor) -> torch.Tensor:
     return ((logits - mean) / std).amax(dim=0)
 
 
-def max_z_scores(q: torch.Tensor, parts: list[torch.Tensor]) -> torch.Tensor:
+def max_z_scores(
+    q: torch.Tensor, parts: list[torch.Tensor], scales: list[torch.Tensor | None] | None = None
+) -> torch.Tensor:
     """`max_z` over candidate keys split into parts ([n_i, kv_heads, head_dim] each), standardised over all.
 
-    Returns [sum n_i] float32. On CUDA with triton installed, a two-pass kernel without the [T, n] logits.
+    `scales[i]` ([n_i, kv_heads]) marks part i as int8 keys (`mplus_agents.quant`). Returns [sum n_i] float32.
+    On CUDA with triton installed and float keys, a two-pass kernel without the [T, n] logits.
     """
-    if parts and parts[0].is_cuda and (fused := dispatch.max_z_scores(q, parts)) is not None:
+    scales = scales if scales is not None else [None] * len(parts)
+    float_keys = all(s is None for s in scales)
+    if float_keys and parts and parts[0].is_cuda and (fused := dispatch.max_z_scores(q, parts)) is not None:
         return fused
-    return max_standardized(torch.cat([head_mean_logits(q.to(k.device), k) for k in parts], 1))
+    return max_standardized(
+        torch.cat([head_mean_logits(q.to(k.device), k, s) for k, s in zip(parts, scales, strict=True)], 1)
+    )
 
 
 def projector_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -68,4 +68,4 @@ class Retriever(nn.Module):
 
 def kv_features(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The `input` source's key features: pre-RoPE key and value of each token, flattened and joined [n, 2*kv*hd]."""
-    return torch.cat([k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1)], dim=-1)
+    return torch.cat([k.flatten(1), v.flatten(1)], dim=-1)  # flatten, not reshape(n, -1): n may be 0

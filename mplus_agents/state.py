@@ -11,16 +11,19 @@ set changes, so rotation is applied when the prefix is assembled (DESIGN 4).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
 
+from mplus_agents import quant
 from mplus_agents.config import MemoryConfig
 
-OPTIONAL_FIELDS = ("hidden", "score_key", "rf", "word")
-GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key", "word")
+OPTIONAL_FIELDS = ("hidden", "score_key", "rf", "word", *quant.SCALE_FIELDS)
+GROWN_FIELDS = ("k", "v", "block", "hidden", "score_key", "word", *quant.SCALE_FIELDS)
 """Fields kept in growth buffers by `TokenStore.append`; ages and recall counters change on every update anyway."""
 MIN_CAPACITY = 1024
+Allocator = Callable[[list[int], torch.dtype], torch.Tensor]
 
 
 @dataclass
@@ -34,6 +37,9 @@ class Growth:
 
     data: dict[str, torch.Tensor]
     filled: int
+    allocate: Allocator | None = None
+    """Where new buffers come from (None: `torch.empty`). A store loaded memory-mapped gets
+    `mplus_agents.filemap.Spill.empty`, so growing it never pulls the whole store into anonymous RAM."""
 
     @property
     def capacity(self) -> int:
@@ -60,6 +66,12 @@ class TokenStore:
     """[L, n] float32 recall frequencies (long-term store only)."""
     word: torch.Tensor | None = None
     """[L, n] int64 id of the word starting at this token, 0 elsewhere (`input` source, `hybrid` scorer only)."""
+    k_scale: torch.Tensor | None = None
+    """[L, n, kv_heads] float32 scales when `k` is stored as int8 (`mplus_agents.quant`)."""
+    v_scale: torch.Tensor | None = None
+    """[L, n, kv_heads] float32 scales when `v` is stored as int8."""
+    hidden_scale: torch.Tensor | None = None
+    """[L, n] float32 scales when `hidden` is stored as int8."""
     growth: Growth | None = field(default=None, repr=False, compare=False)
     """Private: spare capacity for `append` (not data; never persisted)."""
 
@@ -80,15 +92,20 @@ class TokenStore:
         def z(*shape: int, dt: torch.dtype = dtype) -> torch.Tensor:
             return torch.zeros(layers, 0, *shape, dtype=dt, device=device)
 
+        int8 = quant.is_quantized(dtype)
+        scale = quant.SCALE_DTYPE
         return cls(
             k=z(kv_heads, head_dim),
             v=z(kv_heads, head_dim),
             age=torch.zeros(layers, 0, dtype=torch.int64, device=device),
             block=torch.zeros(layers, 0, dtype=torch.int64, device=device),
             hidden=z(hidden_size) if hidden_size is not None else None,
-            score_key=z(score_dim) if score_dim is not None else None,
+            score_key=z(score_dim, dt=torch.float32 if int8 else dtype) if score_dim is not None else None,
             rf=torch.zeros(layers, 0, dtype=torch.float32, device=device) if with_rf else None,
             word=torch.zeros(layers, 0, dtype=torch.int64, device=device) if with_words else None,
+            k_scale=z(kv_heads, dt=scale) if int8 else None,
+            v_scale=z(kv_heads, dt=scale) if int8 else None,
+            hidden_scale=z(dt=scale) if int8 and hidden_size is not None else None,
         )
 
     @classmethod
@@ -106,6 +123,9 @@ class TokenStore:
             score_key=fields_.get("score_key"),
             rf=fields_.get("rf"),
             word=fields_.get("word"),
+            k_scale=fields_.get("k_scale"),
+            v_scale=fields_.get("v_scale"),
+            hidden_scale=fields_.get("hidden_scale"),
             growth=growth,
         )
 
@@ -115,6 +135,28 @@ class TokenStore:
     @property
     def layers(self) -> int:
         return int(self.k.shape[0])
+
+    @property
+    def quantized(self) -> bool:
+        """True when `k`/`v` (and `hidden`) are int8 with per-row scales beside them."""
+        return quant.is_quantized(self.k)
+
+    def scale(self, name: str, layer: int) -> torch.Tensor | None:
+        """The int8 scales of field `name` in one layer, or None when that field is stored in float."""
+        s = getattr(self, quant.scale_name(name), None) if name in quant.QUANT_FIELDS else None
+        return None if s is None else s[layer]
+
+    def rows(self, name: str, layer: int, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows `index` of field `name` in one layer, dequantised (to `dtype`, default float32) if int8.
+
+        This is how a read gathers from a compressed or memory-mapped store: only the chosen rows are
+        touched and converted, never the whole field.
+        """
+        t = getattr(self, name)[layer, index]
+        s = self.scale(name, layer)
+        if s is not None:
+            return quant.dequantize(t, s[index], dtype or torch.float32)
+        return t if dtype is None else t.to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -137,14 +179,14 @@ class TokenStore:
         g = self.growth
         if g is None or g.filled != n or n + m > g.capacity:
             capacity = max(MIN_CAPACITY, (3 * (n + m)) // 2)  # 1.5x: amortised O(1), at most 50% slack
+            allocate = g.allocate if g is not None else None
             data = {}
             for name in GROWN_FIELDS:
                 if name in mine:
                     t = mine[name]
-                    buf = torch.empty(t.shape[0], capacity, *t.shape[2:], dtype=t.dtype, device=t.device)
-                    buf[:, :n] = t
-                    data[name] = buf
-            g = Growth(data, n)
+                    data[name] = self._buffer(allocate, [t.shape[0], capacity, *t.shape[2:]], t)
+                    data[name][:, :n] = t
+            g = Growth(data, n, allocate)
         out: dict[str, torch.Tensor] = {}
         for name, t in mine.items():
             if name in g.data:
@@ -155,17 +197,43 @@ class TokenStore:
         g.filled = n + m
         return TokenStore.from_fields(out, growth=g)
 
+    @staticmethod
+    def _buffer(allocate: Allocator | None, shape: list[int], like: torch.Tensor) -> torch.Tensor:
+        if allocate is not None and like.device.type == "cpu":
+            return allocate(shape, like.dtype)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
     def take(self, index: torch.Tensor) -> TokenStore:
-        """Gather tokens per layer; `index` is [L, m] (per-layer choice) or [m] (same for every layer)."""
-        if index.dim() == 1:
-            return TokenStore.from_fields({name: t[:, index] for name, t in self.tensors().items()})
+        """Gather tokens per layer; `index` is [L, m] (per-layer choice) or [m] (same for every layer).
 
-        def gather(t: torch.Tensor) -> torch.Tensor:
+        A store with a growth allocator (a memory-mapped one) gathers its big fields into new buffers from that
+        allocator, so an eviction does not move the store into anonymous RAM either.
+        """
+        allocate = self.growth.allocate if self.growth is not None else None
+
+        def gather(name: str, t: torch.Tensor) -> torch.Tensor:
             idx = index.to(t.device)
+            shape = [t.shape[0], idx.shape[-1], *t.shape[2:]]
+            out = self._buffer(allocate, shape, t) if name in GROWN_FIELDS else None
+            if idx.dim() == 1:
+                return t[:, idx] if out is None else torch.index_select(t, 1, idx, out=out)
             view = idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
-            return torch.gather(t, 1, view)
+            return torch.gather(t, 1, view) if out is None else torch.gather(t, 1, view, out=out)
 
-        return TokenStore.from_fields({name: gather(t) for name, t in self.tensors().items()})
+        out = {name: gather(name, t) for name, t in self.tensors().items()}
+        if allocate is None:
+            return TokenStore.from_fields(out)
+        grown = {name: out[name] for name in GROWN_FIELDS if name in out}
+        return TokenStore.from_fields(out, growth=Growth(grown, int(index.shape[-1]), allocate))
+
+    def spilled(self, allocate: Allocator) -> TokenStore:
+        """This store, unchanged, but growing (`append`) and gathering (`take`) into buffers from `allocate`.
+
+        Used on a store whose tensors are mapped from a file: its current tensors become a full growth buffer
+        (capacity = length), so the first append moves it into `allocate`d buffers and nothing writes the file.
+        """
+        data = {name: t for name, t in self.tensors().items() if name in GROWN_FIELDS}
+        return dataclasses.replace(self, growth=Growth(data, len(self), allocate))
 
     def cat(self, other: TokenStore) -> TokenStore:
         """Append `other` after `self`. Fields missing on one side are an error, not silently dropped."""
@@ -175,10 +243,26 @@ class TokenStore:
         return TokenStore.from_fields({n: torch.cat([mine[n], theirs[n].to(mine[n].dtype)], dim=1) for n in mine})
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> TokenStore:
-        """Move to a device; cast only the floating vectors (ages, ids and counters keep their types)."""
+        """Move to a device; cast only the floating vectors (ages, ids and counters keep their types).
+
+        `dtype=torch.int8` quantises `k`, `v` and `hidden` (adding their scales, `mplus_agents.quant`); a
+        float `dtype` on a quantised store dequantises them and drops the scales.
+        """
+        fields_ = self.tensors()
+        if dtype is not None and quant.is_quantized(dtype) != self.quantized:
+            if self.quantized:
+                for name in quant.QUANT_FIELDS:
+                    if name in fields_:
+                        fields_[name] = quant.dequantize(fields_[name], fields_.pop(quant.scale_name(name)), dtype)
+            else:
+                for name in quant.QUANT_FIELDS:
+                    if name in fields_:
+                        fields_[name], fields_[quant.scale_name(name)] = quant.quantize(fields_[name])
         out = {}
-        for name, t in self.tensors().items():
+        for name, t in fields_.items():
             cast = dtype if (dtype is not None and name in ("k", "v", "hidden", "score_key")) else None
+            if cast is not None and (quant.is_quantized(t) != quant.is_quantized(cast)):
+                cast = None  # score_key stays float in an int8 store; int8 fields are already converted
             out[name] = t.to(device=device if device is not None else t.device, dtype=cast or t.dtype)
         return TokenStore.from_fields(out)
 
@@ -247,12 +331,13 @@ class MemoryState:
     def long_term_size(self) -> int:
         return len(self.ltm) + len(self.staging)
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor map, the unit of persistence."""
+    def tensors(self, *, contiguous: bool = True) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor map, the unit of persistence. `contiguous=False` returns the stores' own views
+        (a long-term store's are views into growth buffers), for writers that must not copy the store."""
         out: dict[str, torch.Tensor] = {}
         for part in ("pool", "ltm", "staging"):
             for name, t in getattr(self, part).tensors().items():
-                out[f"{part}.{name}"] = t.contiguous()
+                out[f"{part}.{name}"] = t.contiguous() if contiguous else t
         out["rng_state"] = self.rng_state
         out["counters"] = torch.tensor(
             [self.injections, self.tokens_injected, self.next_block, self.since_merge], dtype=torch.int64

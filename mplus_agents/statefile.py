@@ -17,6 +17,7 @@ attention space), so loading checks the fingerprint and refuses another model wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,11 +27,20 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mplus_agents import __version__
 from mplus_agents.config import MemoryConfig
 from mplus_agents.errors import MemoryMismatchError, MPlusError
+from mplus_agents.filemap import (
+    Entry,
+    MappedFileError,
+    Spill,
+    iter_bytes,
+    map_safetensors,
+    read_header,
+    tensor_chunks,
+    write_safetensors,
+)
 from mplus_agents.fsutil import fsync_dir
 from mplus_agents.memory import LatentMemory
 from mplus_agents.model import MPlusLLM
@@ -51,25 +61,16 @@ class MemoryFileError(MPlusError, ValueError):
 def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
+        t = tensors[name].detach().to("cpu")
         h.update(f"{name}:{t.dtype}:{list(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        for chunk in tensor_chunks(t):
+            h.update(chunk)
     return h.hexdigest()
 
 
 def _portable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and no two tensors sharing storage (safetensors refuses shared storage)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
+    """On the CPU; views are kept as they are (`write_safetensors` writes them layer by layer, uncopied)."""
+    return {name: t.detach().to("cpu") for name, t in tensors.items()}
 
 
 def save_memory(memory: LatentMemory, path: str | Path) -> Path:
@@ -77,7 +78,7 @@ def save_memory(memory: LatentMemory, path: str | Path) -> Path:
     path = Path(path).expanduser()
     with memory.lock:
         state, pending = memory.state, list(memory.pending)
-        tensors = dict(state.tensors())
+        tensors = dict(state.tensors(contiguous=False))
     tensors[PENDING_KEY] = torch.tensor(pending, dtype=torch.int64)
     tensors = _portable(tensors)
     metadata = {
@@ -94,8 +95,9 @@ def save_memory(memory: LatentMemory, path: str | Path) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
+        with open(tmp, "wb") as f:
+            write_safetensors(f, tensors, metadata)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -118,6 +120,28 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     return metadata, tensors
 
 
+def _map(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor], dict[str, Entry]]:
+    try:
+        _, entries = read_header(path)
+        metadata, tensors = map_safetensors(path)
+    except (MappedFileError, OSError, RuntimeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise MemoryFileError(f"{path} is not a readable memory file (truncated or corrupted?): {e}") from e
+    return metadata, tensors, entries
+
+
+def _streamed_sha256(path: Path, entries: dict[str, Entry]) -> str:
+    """`_tensors_sha256` of a file's tensors, computed from plain reads so a mapped load stays unpaged."""
+    h = hashlib.sha256()
+    for name in sorted(entries):
+        e = entries[name]
+        h.update(f"{name}:{e.dtype}:{e.shape}\n".encode())
+        for chunk in iter_bytes(path, e):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _check_model(path: Path, saved: dict[str, Any], llm: MPlusLLM) -> None:
     current = model_fingerprint(llm)
     differ = differences(saved, current)
@@ -130,8 +154,24 @@ def _check_model(path: Path, saved: dict[str, Any], llm: MPlusLLM) -> None:
         )
 
 
-def load_memory(llm: MPlusLLM, path: str | Path, *, user_id: str | None = None) -> LatentMemory:
+def load_memory(
+    llm: MPlusLLM,
+    path: str | Path,
+    *,
+    user_id: str | None = None,
+    mmap: bool = False,
+    spill_dir: str | Path | None = None,
+    verify: bool = True,
+) -> LatentMemory:
     """Read a memory written by `save_memory` for `llm`.
+
+    With `mmap=True` the tensors stay in the file (copy-on-write mapped, paged in when a read touches them;
+    `mplus_agents.filemap`), and the long-term store grows after the load in unlinked spill files under
+    `spill_dir` (default: the memory file's directory; keep it off tmpfs), so a store larger than RAM can be
+    loaded, read and extended. This holds while the file's dtypes are the ones the model reads (a float32 file
+    read by a bfloat16 model is converted into RAM). The checksum is then computed from plain reads, which go
+    through the page cache but not into this process's memory; `verify=False` skips it (a sequential read of
+    the whole file) and trusts the file.
 
     Raises `FileNotFoundError` if there is no file, `MemoryFileError` if it is damaged or not a memory file,
     and `MemoryMismatchError` if another model wrote it.
@@ -139,7 +179,11 @@ def load_memory(llm: MPlusLLM, path: str | Path, *, user_id: str | None = None) 
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no memory file at {path}")
-    metadata, tensors = _read(path)
+    entries: dict[str, Entry] = {}
+    if mmap:
+        metadata, tensors, entries = _map(path)
+    else:
+        metadata, tensors = _read(path)
     if metadata.get("format") != FORMAT:
         raise MemoryFileError(f"{path} is a safetensors file but not an mplus_agents memory")
     try:
@@ -151,7 +195,7 @@ def load_memory(llm: MPlusLLM, path: str | Path, *, user_id: str | None = None) 
             f"{path} uses memory format {version}, made by mplus_agents {metadata.get('library_version')}; "
             f"this is {__version__} (format {FORMAT_VERSION}): upgrade mplus_agents to read it"
         )
-    if metadata.get("sha256") != _tensors_sha256(tensors):
+    if verify and metadata.get("sha256") != (_streamed_sha256(path, entries) if mmap else _tensors_sha256(tensors)):
         raise MemoryFileError(f"{path} is corrupted: its tensors do not match the checksum written with them")
     try:
         saved_model = json.loads(metadata["model"])
@@ -169,6 +213,9 @@ def load_memory(llm: MPlusLLM, path: str | Path, *, user_id: str | None = None) 
         fitted = state.fitted_to(template)
     except ValueError as e:
         raise MemoryFileError(f"{path}: {e}") from e
+    if mmap:
+        spill = Spill(Path(spill_dir).expanduser() if spill_dir is not None else path.parent)
+        fitted = dataclasses.replace(fitted, ltm=fitted.ltm.spilled(spill.empty))
     memory = LatentMemory(llm, config, fitted, user_id=user_id or metadata.get("user_id") or None)
     memory.pending = [int(i) for i in pending.tolist()]
     return memory

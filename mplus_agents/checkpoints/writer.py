@@ -150,6 +150,8 @@ def _memory_tensors(state: MemoryState) -> dict[str, torch.Tensor]:
     ltm, staging = state.ltm, state.staging
     if len(ltm) + len(staging) == 0:
         return out
+    if ltm.quantized:  # an int8 long-term store (`mplus_agents.quant`): the release layout holds float vectors
+        ltm, staging = ltm.to(dtype=state.pool.hidden.dtype), staging.to(dtype=state.pool.hidden.dtype)
     assert ltm.hidden is not None and staging.hidden is not None
     # Staged tokens are searchable already; they ship as long-term entries with a fresh recall frequency.
     hidden = torch.cat([ltm.hidden, staging.hidden.to(ltm.hidden.dtype)], dim=1)

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - xxhash ships with most installs; witho
 
 TENSOR = "t"
 PARTS = ("pool", "ltm", "staging")
-TOKEN_FIELDS = ("k", "v", "hidden", "score_key", "word")
+TOKEN_FIELDS = ("k", "v", "hidden", "score_key", "word", "k_scale", "v_scale", "hidden_scale")
 """Fields cut along the token axis; the others of a part are stored whole."""
 DEFAULT_TARGET_BYTES = 8 * 2**20
 SUFFIX = ".safetensors"
