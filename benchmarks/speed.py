@@ -1,8 +1,9 @@
 """Speed against the machine's limits: decode ms/token and injection tokens/s, each next to its alternative.
 
 Decode (greedy, a fixed number of tokens, no EOS stop so every system does equal work), at two context
-sizes: a short chat prompt with an empty memory, and a full default memory (sink + retrieved long-term +
-short-term pool, ~3.1k positions) whose in-context alternative is a prompt of the same length:
+sizes: a short chat prompt with an empty memory, and a full memory at the current `MemoryConfig()` defaults
+(sink + retrieved long-term + shown pool; the table prints its positions) whose in-context alternative is a
+prompt of the same length:
 - `ours`: `MPlusLLM.start`'s engine calls (memory read, then the fast path's steps on a static cache);
 - `ours-stock`: the same with the fast path off (HF forward + DynamicCache per step, the previous default);
 - `hf-generate`: plain `model.generate` on a prompt of the same total length (per-token time from the
