@@ -24,14 +24,13 @@ from mplus_agents.checkpoints import layout
 from mplus_agents.checkpoints.layout import Names
 from mplus_agents.config import MemoryConfig
 from mplus_agents.errors import CheckpointError, InvalidInputError
+from mplus_agents.hf.arch import SUPPORTED_MODEL_TYPES
 from mplus_agents.lora import GENERATE, UPDATE, LoRA
 from mplus_agents.retriever import Retriever
 from mplus_agents.state import MemoryState, TokenStore
 
 if TYPE_CHECKING:
     from mplus_agents.model import MPlusLLM
-
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -209,9 +208,9 @@ def backbone_config(cfg: dict[str, Any]) -> Any:
     from transformers import AutoConfig
 
     model_type = cfg.get("model_type", "llama")
-    if model_type not in SUPPORTED_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"config.json: model_type {model_type!r} is not a supported backbone ({', '.join(SUPPORTED_TYPES)})"
+            f"config.json: model_type {model_type!r} is not a supported backbone ({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
     fields = {k: v for k, v in cfg.items() if k not in layout.NOT_BACKBONE and k != "model_type"}
     try:
