@@ -60,6 +60,17 @@ class Retriever(nn.Module):
         proj: Projector = self.query_proj[layer]  # type: ignore[assignment]
         return proj.project(normed)
 
+    def release_state_dict(self, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Projector weights under the release's names (`model.layers.{i}.self_attn.{proj}.{0,2}.weight`,
+        SPEC 6.2), for `layers` (default: all), detached on the CPU."""
+        wanted = None if layers is None else set(layers)
+        out = {}
+        for name, t in self.state_dict().items():
+            proj, layer, rest = name.split(".", 2)  # query_proj.{i}.{0,2}.weight
+            if wanted is None or int(layer) in wanted:
+                out[f"model.layers.{layer}.self_attn.{proj}.{rest}"] = t.detach().cpu().contiguous()
+        return out
+
     def keys(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         """f_k of one layer's key features [n, key_dim] (see `key_features`) -> [n, dim]."""
         proj: Projector = self.key_proj[layer]  # type: ignore[assignment]

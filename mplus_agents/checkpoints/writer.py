@@ -132,9 +132,7 @@ def _tensors(llm: MPlusLLM, state: MemoryState | None) -> dict[str, torch.Tensor
                     out[f"{target}.lora_A.{adapter}.weight"] = ab[0].detach()
                     out[f"{target}.lora_B.{adapter}.weight"] = ab[1].detach()
     if weights.retriever is not None:
-        for name, t in weights.retriever.state_dict().items():
-            proj, layer, rest = name.split(".", 2)  # query_proj.{i}.{0,2}.weight
-            out[f"model.layers.{layer}.self_attn.{proj}.{rest}"] = t
+        out.update(weights.retriever.release_state_dict())
     if weights.bos is not None:
         out["bos_embedding"] = weights.bos.detach().reshape(llm.engine.arch.shapes.layers, 1, -1)
     if weights.new_memory_emb is not None:

@@ -1,11 +1,11 @@
-"""Files `mplus train` writes: the retriever on its own, and (until the shared writer lands) a checkpoint directory.
+"""Files `mplus train` writes: the retriever on its own, and a checkpoint directory.
 
 `retriever.safetensors` holds only the trained layers' projectors under the release's names
 (`model.layers.{i}.self_attn.{query_proj,key_proj}.{0,2}.weight`, SPEC 6.2) with what is needed to rebuild
 them in its metadata. It is a few MB, so a trained retriever can ship without the base model's weights and be
 attached to the base model at load time (`attach_retriever`). The full checkpoint directory (layout contract
 of issue 6: config.json with an `mplus_agents` key, weights, tokenizer) is what `MPlusLLM.from_pretrained`
-loads; `save_trained` prefers the project's `save_checkpoint` and falls back to `write_checkpoint` here.
+loads; `save_trained` writes it with `mplus_agents.checkpoints.save_checkpoint`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -29,23 +28,11 @@ RETRIEVER_FILE = "retriever.safetensors"
 PROJECTORS = ("query_proj", "key_proj")
 
 
-def projector_tensors(retriever: Retriever, layers: list[int] | None = None) -> dict[str, torch.Tensor]:
-    """Release-named projector weights of `layers` (default: all)."""
-    out: dict[str, torch.Tensor] = {}
-    for layer in range(retriever.layers) if layers is None else layers:
-        for name in PROJECTORS:
-            proj = getattr(retriever, name)[layer]
-            for idx in (0, 2):
-                weight = proj[idx].weight.detach().cpu().contiguous()
-                out[f"model.layers.{layer}.self_attn.{name}.{idx}.weight"] = weight
-    return out
-
-
 def save_retriever(path: Path, retriever: Retriever, layers: list[int], meta: dict[str, Any]) -> Path:
     target = Path(path) / RETRIEVER_FILE
     info = dict(meta, layers=layers, dim=retriever.dim, key_input=retriever.key_input, total_layers=retriever.layers)
     tmp = target.with_suffix(".tmp")
-    save_file(projector_tensors(retriever, layers), str(tmp), metadata={"mplus_agents": json.dumps(info)})
+    save_file(retriever.release_state_dict(layers), str(tmp), metadata={"mplus_agents": json.dumps(info)})
     os.replace(tmp, target)
     return target
 
@@ -93,57 +80,10 @@ def attach_retriever(llm: MPlusLLM, retriever: Retriever, config: MemoryConfig |
     return out
 
 
-def write_checkpoint(path: Path, llm: MPlusLLM, base_model: str) -> None:
-    """A checkpoint directory in the issue-6 layout: config.json, model.safetensors, tokenizer files."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model: Any = llm.model
-    retriever = llm.engine.weights.retriever
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    if retriever is not None:
-        state.update(projector_tensors(retriever))
-    save_file(state, str(path / "model.safetensors.tmp"), metadata={"format": "pt"})
-    os.replace(path / "model.safetensors.tmp", path / "model.safetensors")
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    cfg = llm.config
-    key_input = retriever.key_input if retriever is not None else ("kv" if cfg.source == "input" else "hidden")
-    config.update(
-        add_selector=retriever is not None,
-        num_selector_layers=2,
-        selector_hidden_dim=retriever.dim if retriever is not None else None,
-        add_encoder_retriever=False,
-        add_bos_embedding=False,
-        add_decoder_lora=False,
-        num_tokens=cfg.tokens_per_chunk,
-        num_blocks=max(1, cfg.pool_size // cfg.tokens_per_chunk),
-        drop_memory_per_layer=cfg.drop_policy == "random",
-        mplus_agents={
-            "format": 1,
-            "source": cfg.source,
-            "key_input": key_input,
-            "memory_config": json.loads(cfg.to_json()),
-            "base_model": base_model,
-        },
-    )
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    save_tokenizer = getattr(llm.tokenizer, "save_pretrained", None)
-    if save_tokenizer is not None:  # test tokenizers have no files to copy
-        save_tokenizer(str(path))
+def save_trained(path: Path, llm: MPlusLLM) -> None:
+    """Write the checkpoint directory. The writer replaces the whole directory, so callers write their own
+    extra files afterwards."""
+    from mplus_agents.checkpoints import save_checkpoint
 
-
-def save_trained(path: Path, llm: MPlusLLM, base_model: str) -> str:
-    """Write the checkpoint directory with the shared writer when available; returns which writer ran.
-
-    The shared writer replaces the whole directory, so callers write their own extra files afterwards.
-    """
-    try:
-        from mplus_agents.checkpoints import save_checkpoint
-    except ImportError:  # a checkout without the loader branch: the same layout, written here
-        write_checkpoint(path, llm, base_model)
-        return "mplus_agents.training.io.write_checkpoint"
-    has_files = getattr(llm.tokenizer, "save_pretrained", None) is not None
+    has_files = getattr(llm.tokenizer, "save_pretrained", None) is not None  # test tokenizers have no files
     save_checkpoint(path, llm, overwrite=True, save_tokenizer=has_files)
-    return "mplus_agents.checkpoints.save_checkpoint"

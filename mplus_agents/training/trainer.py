@@ -76,7 +76,6 @@ class TrainResult:
     seconds_train: float
     examples: int
     memory_tokens: int
-    writer: str
     resumed_from: int = 0
     interrupted: bool = False
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -388,7 +387,7 @@ def train(
     seconds_train = time.perf_counter() - t1
     result = TrainResult(
         path=out, steps=step, losses=losses, seconds_collect=seconds_collect, seconds_train=seconds_train,
-        examples=len(data), memory_tokens=int(data.keys.shape[1]), writer="", resumed_from=resumed_from,
+        examples=len(data), memory_tokens=int(data.keys.shape[1]), resumed_from=resumed_from,
         interrupted=interrupted,
     )
     if interrupted:
@@ -397,11 +396,11 @@ def train(
     trained = attach_retriever(llm, retriever, trained_cfg)
     meta = dict(memory_config=json.loads(trained_cfg.to_json()), base_model=name, source=cfg.source, steps=step,
                 final_loss=_mean_tail(losses))
-    result.writer = save_trained(out, trained, name)  # replaces the directory (and train_state) as a whole
+    save_trained(out, trained)  # replaces the directory (and train_state) as a whole
     save_retriever(out, retriever, list(layers), meta)
     (out / "training.json").write_text(json.dumps(dict(
         identity=identity, steps=step, losses=losses, examples=len(data), memory_tokens=result.memory_tokens,
-        seconds_collect=round(seconds_collect, 1), seconds_train=round(seconds_train, 1), writer=result.writer,
+        seconds_collect=round(seconds_collect, 1), seconds_train=round(seconds_train, 1),
     ), indent=1))
     shutil.rmtree(state_dir, ignore_errors=True)
     return result
