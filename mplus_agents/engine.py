@@ -26,7 +26,7 @@ from mplus_agents.hf.hooks import capture_kv, layer_hooks
 from mplus_agents.index import LayerCandidates, LTMIndex, ShortlistIndex, approximate_shared_select, make_index
 from mplus_agents.lexical import bm25_block_scores
 from mplus_agents.lora import UPDATE, LoRA
-from mplus_agents.ops import KeyFn, add_to_pool
+from mplus_agents.ops import add_to_pool
 from mplus_agents.retrieval import max_z_scores, projector_scores, select_tokens, token_scores
 from mplus_agents.retriever import Retriever, kv_features
 from mplus_agents.state import MemoryState, TokenStore
@@ -299,9 +299,7 @@ class Engine:
             new.word = words.to(device=k.device, dtype=torch.int64).expand(k.shape[0], -1).clone()
         return add_to_pool(state, self._with_score_keys(new, pool))
 
-    def inject_output(
-        self, state: MemoryState, sink: Sink, ids: torch.Tensor, *, key_fn: KeyFn | None = None
-    ) -> MemoryState:
+    def inject_output(self, state: MemoryState, sink: Sink, ids: torch.Tensor) -> MemoryState:
         """`output` source (M+ as trained, SPEC 3.1): the layer outputs at the last K positions become memory.
 
         Per layer l the sequence is S = [BOS_l, pool_l[-K:], chunk]; e_new is added to S[-K:]; positions
@@ -359,10 +357,7 @@ class Engine:
         k, v = k_new.to(pool.k.dtype), v_new.to(pool.v.dtype)
         zeros = torch.zeros(k.shape[0], k.shape[1], dtype=torch.int64, device=k.device)
         new = TokenStore(k=k, v=v, age=zeros, block=zeros.clone(), hidden=hidden_new.to(pool.hidden.dtype))
-        new = self._with_score_keys(new, pool)
-        if pool.score_key is not None and new.score_key is None:
-            new.score_key = torch.zeros(k.shape[0], k.shape[1], pool.score_key.shape[-1], dtype=pool.score_key.dtype)
-        return add_to_pool(state, new, key_fn=key_fn)
+        return add_to_pool(state, self._with_score_keys(new, pool))
 
     # ------------------------------------------------------------------ read path
 

@@ -7,14 +7,9 @@ half-way leaves the user's memory exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from mplus_agents.state import MemoryState, TokenStore
-
-KeyFn = Callable[[TokenStore], torch.Tensor]
-"""Computes trained-retriever keys for tokens leaving the pool (SPEC 4.3 step 1)."""
 
 EVICT_THRESHOLD = 0.01
 
@@ -48,7 +43,7 @@ def split_overflow(
     return pool.take(keep), pool.take(drop)
 
 
-def add_to_pool(state: MemoryState, new: TokenStore, *, key_fn: KeyFn | None = None) -> MemoryState:
+def add_to_pool(state: MemoryState, new: TokenStore) -> MemoryState:
     """Append one chunk's new memory tokens, drop the overflow into the staging cache, merge on schedule.
 
     `new.age` and `new.block` are overwritten here so callers cannot get the bookkeeping wrong.
@@ -77,8 +72,6 @@ def add_to_pool(state: MemoryState, new: TokenStore, *, key_fn: KeyFn | None = N
     kept = kept_old.cat(new)
     staging = advance_ages(state.staging, count)
     if len(dropped):
-        if key_fn is not None:
-            dropped.score_key = key_fn(dropped)
         staging = staging.cat(dropped.to(dtype=staging.k.dtype, device=staging.k.device))
 
     out = MemoryState(

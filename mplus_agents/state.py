@@ -61,7 +61,8 @@ class TokenStore:
     hidden: torch.Tensor | None = None
     """[L, n, d] memory vectors of the `output` source (needed to re-read them under another adapter)."""
     score_key: torch.Tensor | None = None
-    """[L, n, d_proj] keys of a trained retriever, computed once when the token is dropped (SPEC 4.3)."""
+    """[L, n, d_proj] keys of a trained retriever, computed once when the token is written (SPEC 4.3 computes
+    them when it is dropped; the value is the same, and older pool tokens can then compete in retrieval)."""
     rf: torch.Tensor | None = None
     """[L, n] float32 recall frequencies (long-term store only)."""
     word: torch.Tensor | None = None
