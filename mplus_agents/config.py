@@ -161,6 +161,11 @@ class MemoryConfig:
         base.update(overrides)
         return cls(**base)
 
+    @property
+    def keeps_words(self) -> bool:
+        """Memory tokens carry word ids (written with the text, asked with the question): the `hybrid` scorer."""
+        return self.scorer == "hybrid"
+
     def scoring_layers(self, layers: int) -> tuple[int, ...]:
         if self.score_layers is None:
             return auto_score_layers(layers)

@@ -210,7 +210,7 @@ class MPlusLLM:
                 hidden_size=hidden,
                 score_dim=score_dim,
                 with_rf=rf,
-                with_words=config.scorer == "hybrid",
+                with_words=config.keeps_words,
             )
 
         return MemoryState(
@@ -271,7 +271,7 @@ class MPlusLLM:
             chunk_ids = torch.tensor(chunk, dtype=torch.long)
             with self.hook_lock:
                 if cfg.source == "input":
-                    words = self.lexicon.word_ids(chunk) if cfg.scorer == "hybrid" else None
+                    words = self.lexicon.word_ids(chunk) if cfg.keeps_words else None
                     new = self.engine.inject_input(new, sink, chunk_ids, words)
                 else:
                     new = self.engine.inject_output(new, sink, chunk_ids)
@@ -332,7 +332,7 @@ class MPlusLLM:
             self.check_fits(state, prompt, sampling.max_new_tokens)
             sink = self.sink(state.config)
             query_words = None
-            if state.config.scorer == "hybrid":
+            if state.config.keeps_words:
                 query_words = self.lexicon.word_ids(prompt.ids[prompt.query_index].tolist())
             logits, cache, pos, read = self.engine.read(state, sink, prompt.ids, prompt.query_index, query_words)
             fast = self.engine.fast() if sampling.max_new_tokens > 1 else None  # under the lock: see supports()
