@@ -68,6 +68,35 @@ def _tile_logits(
 
 
 @triton.jit
+def _head_sum_logits(
+    q_ptr,
+    k_ptr,
+    offs_r,
+    offs_n,
+    mask_r,
+    mask_n,
+    dim,
+    kv_heads,
+    stride_qg,
+    stride_qr,
+    stride_kn,
+    stride_kg,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """[BLOCK_R, BLOCK_N] float32 logits summed over the KV heads (the head mean is folded into q)."""
+    logits = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for g in range(0, kv_heads):
+        logits += _tile_logits(
+            q_ptr + g * stride_qg, k_ptr + g * stride_kg, offs_r, offs_n, mask_r, mask_n, dim,
+            stride_qr, stride_kn, BLOCK_R, BLOCK_N, BLOCK_D, PRECISION,
+        )  # fmt: skip
+    return logits
+
+
+@triton.jit
 def _score_kernel(
     q_ptr,
     k_ptr,
@@ -105,12 +134,10 @@ def _score_kernel(
         for r0 in range(0, rows, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rows
-            logits = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-            for g in range(0, kv_heads):
-                logits += _tile_logits(
-                    q_ptr + g * stride_qg, k_ptr + g * stride_kg, offs_r, offs_n, mask_r, mask_n, dim,
-                    stride_qr, stride_kn, BLOCK_R, BLOCK_N, BLOCK_D, PRECISION,
-                )  # fmt: skip
+            logits = _head_sum_logits(
+                q_ptr, k_ptr, offs_r, offs_n, mask_r, mask_n, dim, kv_heads, stride_qg, stride_qr, stride_kn,
+                stride_kg, BLOCK_R, BLOCK_N, BLOCK_D, PRECISION,
+            )  # fmt: skip
             if STANDARDIZE:
                 shift = tl.load(shift_ptr + offs_r, mask=mask_r, other=0.0)
                 inv_std = tl.load(inv_std_ptr + offs_r, mask=mask_r, other=0.0)
@@ -164,12 +191,10 @@ def _moments_kernel(
     for r0 in range(0, rows, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rows
-        logits = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-        for g in range(0, kv_heads):
-            logits += _tile_logits(
-                q_ptr + g * stride_qg, k_ptr + g * stride_kg, offs_r, offs_n, mask_r, mask_n, dim,
-                stride_qr, stride_kn, BLOCK_R, BLOCK_N, BLOCK_D, PRECISION,
-            )  # fmt: skip
+        logits = _head_sum_logits(
+            q_ptr, k_ptr, offs_r, offs_n, mask_r, mask_n, dim, kv_heads, stride_qg, stride_qr, stride_kn,
+            stride_kg, BLOCK_R, BLOCK_N, BLOCK_D, PRECISION,
+        )  # fmt: skip
         mean = tl.sum(tl.where(mask_n[None, :], logits, 0.0), axis=1) / count
         dev = tl.where(mask_n[None, :], logits - mean[:, None], 0.0)
         tl.store(mean_ptr + pid * rows + offs_r, mean, mask=mask_r)
