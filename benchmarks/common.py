@@ -118,14 +118,7 @@ def window(llm: MPlusLLM) -> int:
 
 
 def eos_ids(llm: MPlusLLM) -> list[int]:
-    ids: set[int] = set()
-    for source in (getattr(llm.model, "generation_config", None), llm.model.config, llm.tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return sorted(ids)
+    return sorted(llm.eos_ids())
 
 
 def hf_generate(llm: MPlusLLM, ids: list[int], max_new_tokens: int, *, force: bool = False) -> tuple[str, int]:

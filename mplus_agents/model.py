@@ -349,7 +349,7 @@ class MPlusLLM:
             position[0] += 1
             return out
 
-        pieces = stream_text(logits, step, self._decode, self._eos_ids(), sampling, result)
+        pieces = stream_text(logits, step, self._decode, self.eos_ids(), sampling, result)
         return Generation(pieces=pieces, result=result, read=read, prompt_tokens=int(prompt.ids.numel()))
 
     def max_positions(self) -> int:
@@ -409,7 +409,8 @@ class MPlusLLM:
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
+        """Every end-of-sequence id the generation config, model config or tokenizer names."""
         ids: set[int] = set()
         for source in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
             value = getattr(source, "eos_token_id", None)
