@@ -4,13 +4,18 @@ Decode (greedy, a fixed number of tokens, no EOS stop so every system does equal
 sizes: a short chat prompt with an empty memory, and a full memory at the current `MemoryConfig()` defaults
 (sink + retrieved long-term + shown pool; the table prints its positions) whose in-context alternative is a
 prompt of the same length:
-- `ours`: `MPlusLLM.start`'s engine calls (memory read, then the fast path's steps on a static cache);
-- `ours-stock`: the same with the fast path off (HF forward + DynamicCache per step, the previous default);
+- `ours`: `MPlusLLM.start`'s engine calls (memory read, then the fast path's steps on a static cache), whose
+  steps run the compiled C step (`mplus_agents/kernels/cpu_decode.c`) on CPU in fp32;
+- `ours-torch`: the same fast path with its torch step (the default before the compiled step; also what runs
+  without a C compiler);
+- `ours-stock`: the same with the fast path off (HF forward + DynamicCache per step);
 - `hf-generate`: plain `model.generate` on a prompt of the same total length (per-token time from the
   difference of N-token and 1-token runs, so the prefill is excluded);
 - `llama.cpp`: llama-cpp-python on the GGUF the embedded model comes from (Q4_1 weights), same token ids.
 Each is also given as a fraction of its bandwidth floor: (weight bytes + attended K/V bytes per token) /
-memory bandwidth, where bandwidth is measured in the same run (best of several sums over a 1 GB tensor).
+memory bandwidth, where bandwidth is measured in the same run (best of several sums over a 1 GB tensor):
+`of floor` against the best bandwidth of the whole run, `of round` as the median over rounds of each round's
+decode against the bandwidth measured just before and after it (a shared machine's bandwidth drifts 2x).
 
 Injection: `LatentMemory.inject` of a long text (fast path on and off) next to plain HF prefill of the same
 tokens in the same 512-token chunks, and as FLOP/s over the GEMM FLOP/s measured in the same run.
@@ -43,7 +48,7 @@ from conversation import filler_sentence  # noqa: E402
 
 from mplus_agents import MPlusLLM  # noqa: E402
 from mplus_agents.default_model import gguf_path  # noqa: E402
-from mplus_agents.fast import StaticCache  # noqa: E402
+from mplus_agents.fast import FastDecoder, StaticCache  # noqa: E402
 
 Timer = Callable[[], float]
 
@@ -118,33 +123,32 @@ def filler_text(llm: MPlusLLM, tokens: int, seed: int) -> str:
 # ---------------------------------------------------------------------------------------------- decode
 
 
-def ours_decode(llm: MPlusLLM, mem: Any, message: str, n: int, fast: bool) -> tuple[float, int]:
-    """ms/token of the steps after the memory read (the read is the prefill); returns (ms, prefix+prompt)."""
+def ours_decode(llm: MPlusLLM, mem: Any, message: str, n: int, decoder: FastDecoder | None) -> tuple[float, int]:
+    """ms/token of the steps after the memory read (the read is the prefill); returns (ms, prefix+prompt).
+
+    `decoder` runs the steps on a static cache (the compiled C step or the torch fast path, whichever it was
+    built with); None takes the stock HF forward + DynamicCache per step.
+    """
     engine = llm.engine
-    engine.use_fast = fast
-    try:
-        prompt = llm.chat_prompt([{"role": "user", "content": message}], mem.pending)
-        sink = llm.sink(mem.config)
+    prompt = llm.chat_prompt([{"role": "user", "content": message}], mem.pending)
+    sink = llm.sink(mem.config)
+    with torch.no_grad():
+        logits, cache, pos, _ = engine.read(mem.state, sink, prompt.ids, prompt.query_index)
+    context = pos
+    token = int(torch.argmax(logits))
+    if decoder is not None:
+        static = StaticCache.from_dynamic(decoder, cache, n)
+        t = time.perf_counter()
+        for _ in range(n):
+            token = int(torch.argmax(decoder.step(static, token, pos)))
+            pos += 1
+    else:
+        t = time.perf_counter()
         with torch.no_grad():
-            logits, cache, pos, _ = engine.read(mem.state, sink, prompt.ids, prompt.query_index)
-        context = pos
-        token = int(torch.argmax(logits))
-        fast_path = engine.fast()
-        if fast_path is not None:
-            static = StaticCache.from_dynamic(fast_path, cache, n)
-            t = time.perf_counter()
             for _ in range(n):
-                token = int(torch.argmax(fast_path.step(static, token, pos)))
+                token = int(torch.argmax(engine.forward(cache, torch.tensor([token]), pos)[-1]))
                 pos += 1
-        else:
-            t = time.perf_counter()
-            with torch.no_grad():
-                for _ in range(n):
-                    token = int(torch.argmax(engine.forward(cache, torch.tensor([token]), pos)[-1]))
-                    pos += 1
-        return (time.perf_counter() - t) / n * 1000, context
-    finally:
-        engine.use_fast = True
+    return (time.perf_counter() - t) / n * 1000, context
 
 
 def hf_decode(llm: MPlusLLM, ids: list[int], n: int) -> float:
@@ -204,6 +208,7 @@ class LlamaCpp:
 
 
 def ours_inject(llm: MPlusLLM, text: str, fast: bool) -> float:
+    """tokens/s of `inject` with the fast path (what MPlusLLM does) or the stock forward."""
     llm.engine.use_fast = fast
     try:
         mem = llm.new_memory()
@@ -250,8 +255,14 @@ def main() -> None:
 
     # In-context prompts of the same lengths as the memory reads (real text, same question at the end).
     contexts: dict[str, tuple[Any, list[int]]] = {}
+    compiled = FastDecoder(llm.engine.arch)  # the compiled C step when a C compiler is there (the default)
+    decoders: dict[str, FastDecoder | None] = {
+        "ours": compiled, "ours-torch": FastDecoder(llm.engine.arch, native=False), "ours-stock": None,
+    }
+    if compiled.native is None:
+        print("the compiled step is unavailable (no C compiler or MPLUS_NATIVE=0): `ours` runs the torch step")
     for name, mem in (("short", empty), ("full-memory", full)):
-        _, ctx = ours_decode(llm, mem, message, 1, fast=True)
+        _, ctx = ours_decode(llm, mem, message, 1, compiled)
         question = llm.chat_prompt([{"role": "user", "content": message}]).ids.tolist()
         filler = llm.encode(filler_text(llm, ctx + 64, seed=3))[: max(0, ctx - len(question))]
         contexts[name] = (mem, filler + question)
@@ -270,15 +281,18 @@ def main() -> None:
     bw: list[float] = []
     gemm: list[float] = []
     n = args.decode_tokens
+    round_bw: list[float] = []
     for r in range(args.rounds):
         bw.append(bandwidth_gbs())
         gemm.append(gemm_gflops())
         for name, (mem, ids) in contexts.items():
-            decode.setdefault((name, "ours"), []).append(ours_decode(llm, mem, message, n, fast=True)[0])
-            decode.setdefault((name, "ours-stock"), []).append(ours_decode(llm, mem, message, n, fast=False)[0])
+            for system, decoder in decoders.items():
+                decode.setdefault((name, system), []).append(ours_decode(llm, mem, message, n, decoder)[0])
             decode.setdefault((name, "hf-generate"), []).append(hf_decode(llm, ids, n))
             if cpp is not None:
                 decode.setdefault((name, "llama.cpp"), []).append(cpp.decode(ids, n))
+        bw.append(bandwidth_gbs())  # again after the decodes: a shared machine's bandwidth drifts within a round
+        round_bw.append(max(bw[-2:]))
         inject.setdefault("ours", []).append(ours_inject(llm, inject_text, fast=True))
         inject.setdefault("ours-stock", []).append(ours_inject(llm, inject_text, fast=False))
         inject.setdefault("hf-prefill", []).append(hf_prefill(llm, inject_ids, cfg.chunk_size))
@@ -300,10 +314,13 @@ def main() -> None:
             nbytes = fp32_weights + ctx_len * kv_bytes_per_position(llm, 4)
         floor_ms = nbytes / (bandwidth * 1e9) * 1000
         ms = statistics.median(values)
+        # Each round's decode against the bandwidth measured around it, as a second reading of the same ratio.
+        per_round = [nbytes / (b * 1e9) * 1000 / v for b, v in zip(round_bw, values, strict=True)]
         rows.append(dict(
             kind="decode", context=ctx_name, context_tokens=ctx_len, system=system, value=round(ms, 2),
             unit="ms/token", min=round(min(values), 2), max=round(max(values), 2),
             floor_ms=round(floor_ms, 2), of_floor=round(floor_ms / ms, 3),
+            of_round_floor=round(statistics.median(per_round), 3),
         ))
     stock = {r["context"]: r["value"] for r in rows if r["system"] == "hf-generate"}
     for row in rows:
@@ -335,12 +352,12 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     print(f"\nbandwidth {meta['bandwidth_gbs']} GB/s (best of {meta['bandwidth_rounds']}), "
           f"GEMM {meta['gemm_gflops']} GFLOP/s (best of {meta['gemm_rounds']}), threads {meta['threads']}")
     print(f"\n{'decode':<12} {'ctx':>6} {'system':<12} {'ms/tok':>8} {'range':>13} {'floor':>7} {'of floor':>9} "
-          f"{'x HF gen':>9}")
+          f"{'of round':>9} {'x HF gen':>9}")
     for r in rows:
         if r["kind"] == "decode":
             print(f"{r['context']:<12} {r['context_tokens']:>6} {r['system']:<12} {r['value']:>8.1f} "
                   f"{r['min']:>6.1f}-{r['max']:<6.1f} {r['floor_ms']:>7.1f} {r['of_floor']:>9.0%} "
-                  f"{r['vs_hf_generate']:>9.2f}")
+                  f"{r['of_round_floor']:>9.0%} {r['vs_hf_generate']:>9.2f}")
     print(f"\n{'inject':<12} {'system':<12} {'tok/s':>8} {'range':>13} {'GFLOP/s':>8} {'of GEMM':>8} "
           f"{'x HF prefill':>13}")
     for r in rows:

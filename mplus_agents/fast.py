@@ -8,10 +8,15 @@ for single-token steps, and (on CPU) the projections packed once into fused, tra
 [1, d] x [d, n] product reads a contiguous [d, n] matrix about 1.5x faster than `F.linear`'s [n, d] on
 this machine's MKL, and q/k/v and gate/up become one product each.
 
+Decode steps of an fp32 model on CPU go one step further: the whole step runs in compiled C
+(`kernels/cpu_decode.c`, built with the system compiler on first use), whose weight panels stream at close
+to the memory bandwidth, about twice as fast as MKL's products here (`benchmarks/speed.py`). The torch step
+below is its reference and the path without a compiler, for other dtypes and on CUDA.
+
 It never replaces the stock path for passes that need hooks (reads with retrieval, the `output` source);
-`tests/test_fast.py` pins it to the stock forward within fp32 tolerance on random tiny models and SmolLM2.
-Packed weights are copies (the model's size again in RAM); they are rebuilt when the model's parameters
-change (`FastDecoder.current`).
+`tests/test_fast.py` pins both steps to the stock forward within fp32 tolerance on random tiny models and
+SmolLM2. Packed weights (torch's or the compiled step's panels) are copies, the model's size again in RAM;
+they are rebuilt when the model's parameters change (`FastDecoder.current`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mplus_agents.hf.arch import Arch
+from mplus_agents.kernels import native as native_kernels
+from mplus_agents.kernels.cpu_decode import NativeStep
 
 Proj = list[tuple[torch.Tensor, torch.Tensor | None]]
 """One projection as (W^T [d_in, d_out], bias) parts whose outputs are concatenated: one part when packed."""
@@ -73,6 +80,8 @@ class StaticCache:
         self.k = k
         self.v = v
         self.length = length
+        self.scratch: torch.Tensor | None = None
+        """Work space of the compiled step (`NativeStep.scratch`), made on its first step."""
 
     @property
     def capacity(self) -> int:
@@ -102,14 +111,21 @@ class StaticCache:
 class FastDecoder:
     """The decoder's math on raw weights, for one model and dtype. Stateless across calls (thread-safe)."""
 
-    def __init__(self, arch: Arch, *, pack: bool | None = None) -> None:
+    def __init__(self, arch: Arch, *, pack: bool | None = None, native: bool | None = None) -> None:
         if not self.supports(arch):
             raise ValueError(f"{type(arch.model).__name__} is not supported by the fast path")
         self.arch = arch
         model = arch.model
         self.dtype: torch.dtype = arch.dtype
         self.device: torch.device = arch.device
-        self.pack = self.device.type == "cpu" if pack is None else pack
+        lib = None
+        if native is not False and self.device.type == "cpu" and self.dtype == torch.float32:
+            lib = native_kernels.load()
+            if lib is None and native:
+                raise RuntimeError("the compiled CPU decode kernel is not available (no C compiler, or MPLUS_NATIVE=0)")
+        # Decode steps read the compiled step's own panels when it runs, so the torch-side packed copy would
+        # only serve injection, whose [512, d] products MKL runs as fast from the model's own weights.
+        self.pack = (self.device.type == "cpu" and lib is None) if pack is None else pack
         self.version = fingerprint(model)
         cfg = model.config
         s = arch.shapes
@@ -124,6 +140,11 @@ class FastDecoder:
             self.lm_head = self._parts([model.lm_head])
         empty = torch.empty(0, s.head_dim, dtype=self.dtype, device=self.device)
         self._rope: tuple[torch.Tensor, torch.Tensor] = (empty, empty)
+        self.native: NativeStep | None = None
+        """The compiled step (kernels/cpu_decode.c) for fp32 on CPU when a C compiler is there, else None."""
+        if lib is not None:
+            with torch.no_grad():
+                self.native = NativeStep(lib, self)
 
     @staticmethod
     def supports(arch: Arch) -> bool:
@@ -234,6 +255,12 @@ class FastDecoder:
         if n >= cache.capacity:
             raise ValueError(f"static cache full ({cache.capacity} positions)")
         cos_t, sin_t = self._rope_table(position + 1)
+        if self.native is not None:
+            if cache.scratch is None:
+                cache.scratch = self.native.scratch(cache.capacity)
+            logits = self.native.step(cache.k, cache.v, n, token, cos_t[position], sin_t[position], cache.scratch)
+            cache.length = n + 1
+            return logits
         cos, sin = cos_t[position : position + 1], sin_t[position : position + 1]
         h = self.embed[token : token + 1]
         groups = s.heads // s.kv_heads

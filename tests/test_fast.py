@@ -19,6 +19,7 @@ from mplus_agents.engine import Engine
 from mplus_agents.fast import FastDecoder, StaticCache
 from mplus_agents.generation import SamplingConfig
 from mplus_agents.hf.hooks import capture_kv
+from mplus_agents.kernels import native
 from tests.conftest import CharTokenizer, tiny_llama, tiny_qwen3
 
 
@@ -54,11 +55,22 @@ def hf_decode(engine: Engine, prompt: torch.Tensor, steps: list[int]) -> list[to
     return out
 
 
-@pytest.mark.parametrize("pack", [True, False])
+VARIANTS = {
+    "compiled": dict(native=True),
+    "torch-packed": dict(native=False, pack=True),
+    "torch-plain": dict(native=False, pack=False),
+}
+"""The compiled C step (kernels/cpu_decode.c, the CPU default) and both torch layouts."""
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("make", MAKERS)
-def test_decode_steps_match_stock_forward(make, pack: bool) -> None:
+def test_decode_steps_match_stock_forward(make, variant: str) -> None:
+    if variant == "compiled" and native.compiler() is None:
+        pytest.skip("no C compiler")
     engine = Engine(make(seed=3))
-    fast = FastDecoder(engine.arch, pack=pack)
+    fast = FastDecoder(engine.arch, **VARIANTS[variant])  # type: ignore[arg-type]
+    assert (fast.native is not None) == (variant == "compiled")
     gen = torch.Generator().manual_seed(11)
     prompt = torch.randint(3, 64, (37,), generator=gen)
     steps = torch.randint(3, 64, (12,), generator=gen).tolist()
@@ -158,7 +170,7 @@ def test_unknown_modules_fall_back_to_stock_path() -> None:
 def test_smol_fast_path_matches_stock(smol: MPlusLLM) -> None:
     engine = smol.engine
     fast = engine.fast()
-    assert fast is not None and fast.pack
+    assert fast is not None and (fast.native is not None or native.compiler() is None)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 49152, (60,), generator=gen)
     steps = torch.randint(0, 49152, (6,), generator=gen).tolist()

@@ -1,0 +1,180 @@
+"""The compiled CPU decode step (`cpu_decode.c`) on a model's weights: packing, the C structs, the calls.
+
+`NativeStep` holds the weights in the kernel's panel layout (a copy, the model's size again in RAM, as the
+torch fast path's packed copy was) and runs `FastDecoder.step`'s math in one call per token. `pack_panel`,
+`gemv`, `rms` and `attend` expose the kernel's pieces so tests can compare each with torch on random inputs.
+Only fp32 on CPU; FastDecoder falls back to its torch step for anything else.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mplus_agents.fast import FastDecoder
+
+ROWS = 8
+"""MP_R in cpu_decode.c: output rows per panel."""
+LANES = 16
+"""MP_V in cpu_decode.c: floats per slice."""
+
+
+def _pad(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def pack_panel(w: torch.Tensor) -> torch.Tensor:
+    """[N, K] (nn.Linear's layout) -> [ceil(N/8), ceil(K/16), 8, 16] fp32, zero-padded.
+
+    Eight output rows are interleaved slice by slice, so a thread reading one panel reads memory strictly in
+    order while keeping eight independent dot products in flight.
+    """
+    n, k = w.shape
+    padded = w.new_zeros(_pad(n, ROWS), _pad(k, LANES), dtype=torch.float32)
+    padded[:n, :k] = w
+    return padded.view(-1, ROWS, padded.shape[1] // LANES, LANES).transpose(1, 2).contiguous()
+
+
+def padded_input(x: torch.Tensor) -> torch.Tensor:
+    """A kernel input vector: fp32, contiguous, zero lanes up to a multiple of 16."""
+    out = x.new_zeros(_pad(x.numel(), LANES), dtype=torch.float32)
+    out[: x.numel()] = x.reshape(-1)
+    return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_void_p) for name in ("ln1", "ln2", "qkv", "qkv_bias", "qk_norm", "o", "gate_up", "down")
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *[(name, ctypes.c_long) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter", "vocab")],
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        ("embed", ctypes.c_void_p),
+        ("norm", ctypes.c_void_p),
+        ("lm_head", ctypes.c_void_p),
+        ("layer", ctypes.POINTER(_Layer)),
+    ]
+
+
+class NativeStep:
+    """One model's weights packed for `mp_step`; stateless across calls like FastDecoder itself."""
+
+    def __init__(self, lib: ctypes.CDLL, fast: FastDecoder) -> None:
+        self.lib = lib
+        arch = fast.arch
+        model = arch.model
+        s = arch.shapes
+        self.vocab = int(fast.embed.shape[0])
+        keep: list[torch.Tensor] = []
+
+        def hold(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().to(torch.float32).contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        def panel(*modules: torch.nn.Linear) -> int | None:
+            return hold(pack_panel(torch.cat([m.weight.detach() for m in modules])))
+
+        layers = (_Layer * s.layers)()
+        inter = 0
+        for i, block in enumerate(arch.layers):
+            attn, mlp = block.self_attn, block.mlp
+            inter = int(mlp.gate_proj.out_features)
+            lay = fast.layers[i]
+            bias = None
+            if any(m.bias is not None for m in (attn.q_proj, attn.k_proj, attn.v_proj)):
+                bias = torch.cat(
+                    [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                     for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+                )
+            layers[i] = _Layer(
+                hold(lay.ln1), hold(lay.ln2), panel(attn.q_proj, attn.k_proj, attn.v_proj), hold(bias),
+                hold(lay.qk_norm), panel(attn.o_proj), panel(mlp.gate_proj, mlp.up_proj), panel(mlp.down_proj),
+            )
+        self.model = _Model(
+            s.layers, s.hidden_size, s.heads, s.kv_heads, s.head_dim, inter, self.vocab, fast.eps, fast.scale,
+            hold(fast.embed), hold(fast.norm), panel(model.lm_head), layers,
+        )
+        self._layers = layers
+        self._keep = keep
+
+    def scratch(self, capacity: int) -> torch.Tensor:
+        """Zeroed work space for a cache of `capacity` positions (pad lanes must start at zero)."""
+        return torch.zeros(int(self.lib.mp_scratch_floats(ctypes.byref(self.model), capacity)))
+
+    def step(
+        self, k: torch.Tensor, v: torch.Tensor, length: int, token: int, cos: torch.Tensor, sin: torch.Tensor,
+        scratch: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits [vocab] for `token` after `length` cached positions; writes its k/v at index `length`.
+
+        k, v: the static cache [L, kv_heads, capacity, head_dim] (fp32, contiguous); cos, sin: the token's
+        rotary row [head_dim] (sin with its first half negated, FastDecoder's table).
+        """
+        if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == torch.float32):
+            raise ValueError("the compiled step needs a contiguous fp32 static cache")
+        logits = torch.empty(_pad(self.vocab, ROWS))
+        self.lib.mp_step(
+            ctypes.byref(self.model), k.data_ptr(), v.data_ptr(), int(k.shape[2]), length, token,
+            cos.data_ptr(), sin.data_ptr(), logits.data_ptr(), scratch.data_ptr(),
+        )
+        return logits[: self.vocab]
+
+
+# ---------------------------------------------------------------------------------------------- pieces, for tests
+
+
+def gemv(lib: ctypes.CDLL, w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel's panel product: x [K] . w[N, K]^T (+ bias) -> [N]."""
+    n, k = w.shape
+    y = torch.empty(_pad(n, ROWS))
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    panel, xp = pack_panel(w), padded_input(x)  # named: a temporary would be freed before the call
+    lib.mp_gemv(panel.data_ptr(), xp.data_ptr(), _ptr(b), y.data_ptr(), n, k)
+    return y[:n]
+
+
+def rms(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """The kernel's RMSNorm of one vector."""
+    x, w = x.float().contiguous(), w.float().contiguous()
+    out = torch.empty_like(x)
+    lib.mp_rms(x.data_ptr(), w.data_ptr(), out.data_ptr(), x.numel(), eps)
+    return out
+
+
+def attend(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
+    """The kernel's attention of one token's queries q [H, hd] over k, v [KV, capacity, hd] (first `length`)."""
+    heads, hd = q.shape
+    kv, cap, _ = k.shape
+    out = torch.empty(heads, hd)
+    scores = torch.empty(heads, length)
+    q, k, v = q.float().contiguous(), k.float().contiguous(), v.float().contiguous()
+    lib.mp_attend(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), heads, kv, hd, cap, length,
+        hd**-0.5,
+    )
+    return out
+
+
+def reference_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
+    """torch's SDPA on the same inputs, grouped-query as FastDecoder.step calls it."""
+    heads, hd = q.shape
+    kv = k.shape[0]
+    o = F.scaled_dot_product_attention(
+        q.view(1, kv, heads // kv, hd), k[None, :, :length], v[None, :, :length], scale=hd**-0.5
+    )
+    return o.view(heads, hd)

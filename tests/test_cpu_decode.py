@@ -1,0 +1,137 @@
+"""The compiled CPU decode step (`mplus_agents/kernels/cpu_decode.c`) against torch, on fresh random inputs.
+
+Each piece (panel product, RMSNorm, grouped-query attention) is compared with the torch computation it
+replaces, on shapes that are and are not multiples of the kernel's panel sizes; whole steps are compared
+with FastDecoder's torch step and the stock forward in tests/test_fast.py. Also: the build is cached, a
+failing compiler falls back to torch with a warning, and MPLUS_NATIVE=0 switches the kernel off.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mplus_agents.engine import Engine
+from mplus_agents.fast import FastDecoder, StaticCache
+from mplus_agents.kernels import cpu_decode, native
+from tests.conftest import tiny_llama
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    loaded = native.load()
+    assert loaded is not None, "a C compiler is installed, so the kernel must build"
+    return loaded
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (37, 29), (8, 16), (1, 1), (13, 100)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_linear(lib, n: int, k: int, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(n * 1000 + k)
+    w, x = torch.randn(n, k, generator=gen), torch.randn(k, generator=gen)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    got = cpu_decode.gemv(lib, w, x, bias)
+    assert got.shape == (n,)
+    assert rel_err(got, F.linear(x, w, bias)) < 1e-6
+
+
+def test_pack_panel_layout() -> None:
+    w = torch.arange(20 * 20, dtype=torch.float32).view(20, 20)
+    p = cpu_decode.pack_panel(w)
+    assert p.shape == (3, 2, 8, 16)  # rows padded to 24, columns to 32
+    assert p[1, 1, 2, 3] == w[8 + 2, 16 + 3]
+    assert p[2, 0, 4, 0] == 0 and p[0, 1, 0, 4] == 0  # padding rows and columns are zero
+
+
+@pytest.mark.parametrize("n", [576, 48, 7])
+def test_rms_matches_torch(lib, n: int) -> None:
+    gen = torch.Generator().manual_seed(n)
+    x, w = torch.randn(n, generator=gen) * 3, torch.randn(n, generator=gen)
+    ref = w * (x * torch.rsqrt(x.pow(2).mean() + 1e-5))
+    assert rel_err(cpu_decode.rms(lib, x, w, 1e-5), ref) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "heads,kv,hd,cap,length", [(9, 3, 64, 500, 440), (6, 2, 8, 40, 1), (4, 4, 16, 33, 33), (8, 1, 24, 70, 65)]
+)
+def test_attend_matches_sdpa(lib, heads: int, kv: int, hd: int, cap: int, length: int) -> None:
+    gen = torch.Generator().manual_seed(heads * cap + length)
+    q = torch.randn(heads, hd, generator=gen)
+    k, v = torch.randn(kv, cap, hd, generator=gen) * 2, torch.randn(kv, cap, hd, generator=gen)
+    got = cpu_decode.attend(lib, q, k, v, length)
+    assert rel_err(got, cpu_decode.reference_attend(q, k, v, length)) < 1e-5
+
+
+def test_odd_sized_model_steps_match_torch_step(lib) -> None:
+    """Hidden, head, MLP and vocabulary sizes that are not multiples of the panel sizes (padding paths)."""
+    model = tiny_llama(
+        seed=9, hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72, vocab_size=61
+    )
+    arch = Engine(model).arch
+    nat, ref = FastDecoder(arch, native=True), FastDecoder(arch, native=False)
+    assert nat.native is not None and ref.native is None
+    caches = [StaticCache.empty(f, 40) for f in (nat, ref)]
+    gen = torch.Generator().manual_seed(1)
+    prefix_k, prefix_v = torch.randn(caches[0].k.shape, generator=gen), torch.randn(caches[0].v.shape, generator=gen)
+    for c in caches:
+        c.k.copy_(prefix_k)
+        c.v.copy_(prefix_v)
+        c.length = 17
+    for i, tok in enumerate(torch.randint(0, 61, (10,), generator=gen).tolist()):
+        got, want = nat.step(caches[0], tok, 17 + i), ref.step(caches[1], tok, 17 + i)
+        assert got.shape == want.shape == (61,)
+        assert rel_err(got, want) < 1e-5
+    assert rel_err(caches[0].k, caches[1].k) < 1e-6 and rel_err(caches[0].v, caches[1].v) < 1e-6
+
+
+def test_build_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch) -> None:
+    cc = native.compiler()
+    assert cc is not None
+    monkeypatch.setenv("MPLUS_CACHE_DIR", str(tmp_path))
+    path = native.library_path(cc)
+    assert path.parent == tmp_path / "native" and not path.exists()
+    native.build(cc, path)
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    assert native.library_path(cc) == path
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-DMP_EXTRA=1"))
+    assert native.library_path(cc) != path
+
+
+def fresh_loader(monkeypatch) -> None:
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+
+
+def test_failing_compiler_falls_back_to_torch_with_a_warning(tmp_path, monkeypatch) -> None:
+    fresh_loader(monkeypatch)
+    monkeypatch.setenv("MPLUS_CACHE_DIR", str(tmp_path))
+    broken = tmp_path / "cc"
+    broken.write_text(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo broken-cc 1.0 && exit 0\necho 'no such flag' >&2\nexit 1\n"
+    )
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.warns(RuntimeWarning, match="no such flag"):
+        assert native.load() is None
+    fast = FastDecoder(Engine(tiny_llama(seed=1)).arch)
+    assert fast.native is None and fast.pack  # the torch path, with its packed weights
+    with pytest.raises(RuntimeError, match="not available"):
+        FastDecoder(Engine(tiny_llama(seed=1)).arch, native=True)
+
+
+def test_switched_off_by_environment(monkeypatch) -> None:
+    fresh_loader(monkeypatch)
+    monkeypatch.setenv("MPLUS_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.load() is None
+    assert FastDecoder(Engine(tiny_llama(seed=1)).arch).native is None
