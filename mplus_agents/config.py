@@ -23,6 +23,12 @@ LtmIndex = Literal["exact", "auto", "torch", "faiss", "faiss_ivf"]
 
 AUTO_SCORE_LAYERS = 5
 
+READ_FIELDS = ("retrieve_tokens", "read_pool_tokens", "selection", "score_layers", "lexical_weight", "ltm_index")
+"""MemoryConfig fields that steer reads (which stored tokens a prompt sees and how the store is searched), not
+what is stored: a saved memory can be opened with other values and is read with them (`same_storage`). Every
+other field shapes the stored tensors or how they were written, so it must match. (`retrieve_tokens` also
+bounds decay eviction at later merges: a policy from then on, which leaves the stored state valid.)"""
+
 
 def auto_score_layers(layers: int) -> tuple[int, ...]:
     """`AUTO_SCORE_LAYERS` layers evenly spread over 40%-80% of the depth (all layers of a shallow model).
@@ -165,6 +171,11 @@ class MemoryConfig:
     def keeps_words(self) -> bool:
         """Memory tokens carry word ids (written with the text, asked with the question): the `hybrid` scorer."""
         return self.scorer == "hybrid"
+
+    def same_storage(self, other: MemoryConfig) -> bool:
+        """True when a memory written under `other` can be read under this config: only READ_FIELDS differ."""
+        mine, theirs = dataclasses.asdict(self), dataclasses.asdict(other)
+        return all(mine[k] == theirs[k] for k in mine if k not in READ_FIELDS)
 
     def scoring_layers(self, layers: int) -> tuple[int, ...]:
         if self.score_layers is None:

@@ -9,6 +9,7 @@ the state's `rng_state`), and what a memory made by another model is rebuilt fro
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -17,8 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mplus_agents.config import MemoryConfig
-from mplus_agents.errors import InvalidInputError
+from mplus_agents.config import READ_FIELDS, MemoryConfig
+from mplus_agents.errors import InvalidInputError, MemoryMismatchError
 from mplus_agents.state import MemoryState
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def replay(
     From an empty state this rebuilds exactly the state the same injections made the first time (drops
     are seeded, chunking depends only on the token stream and its batches). Returns (state, pending ids).
     """
-    current = state if state is not None else llm.initial_state(config)
+    current = dataclasses.replace(state, config=config) if state is not None else llm.initial_state(config)
     held = list(pending)
     for _, group in itertools.groupby(turns, key=lambda t: t.batch):
         ids: list[int] = []
@@ -189,6 +190,22 @@ class LatentMemory:
             self._turns = []
             if self._binding is not None:
                 self._binding.cleared = True
+
+    def use_config(self, config: MemoryConfig) -> None:
+        """Read this memory under `config` from now on (another `ltm_index`, retrieval budget, selection...).
+
+        Only the read-time fields (`config.READ_FIELDS`) may differ; a config that would change what is stored
+        raises MemoryMismatchError (rebuild the memory from its ledger for that). A store-backed memory saves
+        the new config with its next snapshot.
+        """
+        if not config.same_storage(self.config):
+            raise MemoryMismatchError(
+                "this config changes how the memory is stored, not only how it is read; rebuild the memory "
+                f"from its turns to use it (fields that may differ: {', '.join(READ_FIELDS)})"
+            )
+        with self._lock:
+            self._state = dataclasses.replace(self._state, config=config)
+            self.config = config
 
     def replace_state(self, state: MemoryState) -> None:
         """Swap in a state made elsewhere. The ledger is not touched, so it no longer describes the state

@@ -162,8 +162,12 @@ def load_memory(
     mmap: bool = False,
     spill_dir: str | Path | None = None,
     verify: bool = True,
+    read_config: MemoryConfig | None = None,
 ) -> LatentMemory:
     """Read a memory written by `save_memory` for `llm`.
+
+    `read_config` reads it with other read-time settings (`LatentMemory.use_config`; MemoryMismatchError if
+    it would change what is stored); by default the saved config.
 
     With `mmap=True` the tensors stay in the file (copy-on-write mapped, paged in when a read touches them;
     `mplus_agents.filemap`), and the long-term store grows after the load in unlinked spill files under
@@ -217,5 +221,7 @@ def load_memory(
         spill = Spill(Path(spill_dir).expanduser() if spill_dir is not None else path.parent)
         fitted = dataclasses.replace(fitted, ltm=fitted.ltm.spilled(spill.empty))
     memory = LatentMemory(llm, config, fitted, user_id=user_id or metadata.get("user_id") or None)
+    if read_config is not None and read_config != config:
+        memory.use_config(read_config)
     memory.pending = [int(i) for i in pending.tolist()]
     return memory

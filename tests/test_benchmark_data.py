@@ -6,6 +6,7 @@ fact's own turn (never from filler), and histories have the length the table say
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import itertools
 import sys
@@ -105,3 +106,16 @@ def test_history_lengths_hit_their_targets(smol: MPlusLLM) -> None:
     assert 300 < end < 1000
     with pytest.raises(ValueError, match="too short"):
         conv.history(end - 1, count)
+
+
+def test_benchmark_scripts_do_not_shadow_installed_modules() -> None:
+    """A script runs with benchmarks/ first on sys.path, so a file named like an installed top-level module
+    replaces it for every library (benchmarks/kernels.py once hid Hugging Face's `kernels` from transformers,
+    and every benchmark died importing the model)."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    elsewhere = [p for p in sys.path if not p or Path(p).resolve() != bench]  # other tests may have added it
+    clashes = [
+        p.name for p in bench.glob("*.py")
+        if p.stem in sys.builtin_module_names or importlib.machinery.PathFinder.find_spec(p.stem, elsewhere)
+    ]
+    assert clashes == []

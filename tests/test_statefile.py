@@ -81,6 +81,21 @@ def test_loaded_memory_keeps_working_like_the_original(tmp_path) -> None:
 
 
 @pytest.mark.slow
+def test_loaded_with_other_read_settings(tmp_path) -> None:
+    llm = MPlusLLM(tiny_llama(), CharTokenizer(), SMALL_INPUT)
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "locker code 4812 " * 6] * 2
+    path = save_memory(filled(llm, texts), tmp_path / "m.mplus")
+    reads = SMALL_INPUT.replace(retrieve_tokens=16, ltm_index="torch", selection="per_layer")
+    back = load_memory(llm, path, read_config=reads)
+    fresh = LatentMemory(llm, reads)
+    for text in texts:
+        fresh.inject(text, role="user")
+    assert_same_memory(back, fresh)
+    assert torch.equal(read_logits(llm, back, "what is the code"), read_logits(llm, fresh, "what is the code"))
+    with pytest.raises(MemoryMismatchError, match="rebuild"):
+        load_memory(llm, path, read_config=SMALL_INPUT.replace(chunk_size=40))
+
+
 def test_round_trip_embedded_model(tmp_path, smol) -> None:
     config = MemoryConfig(pool_size=128, chunk_size=64, injection_context=64, retrieve_tokens=64, block_size=16)
     mem = smol.new_memory(config, user_id="ada")

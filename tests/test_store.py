@@ -498,6 +498,32 @@ def test_other_model_is_refused_and_can_rebuild(db_url: str, shard_dir: Path) ->
         mem.save()  # a memory opened before the rebuild must not overwrite it
 
 
+def test_read_time_config_is_applied_on_open_and_saved(db_url: str, shard_dir: Path) -> None:
+    """Another index, budget or selection reads a stored memory as a memory written under it would be read."""
+    store = MemoryStore(db_url, shard_dir)
+    llm = tiny_llm()
+    filled(llm, store, "alice").save()
+    reads = SMALL_INPUT.replace(retrieve_tokens=48, read_pool_tokens=16, selection="per_layer", ltm_index="torch")
+    mem = store.open(llm, "alice", config=reads)
+    assert mem.config == mem.state.config == reads
+    fresh = LatentMemory(llm, reads)
+    for i, t in enumerate(TEXTS):
+        fresh.inject(t, role="user" if i % 2 == 0 else "assistant")
+    assert same_state(mem, fresh)
+    assert torch.equal(read_logits(llm, mem, "what is the code"), read_logits(llm, fresh, "what is the code"))
+    mem.inject("one more turn")
+    mem.save()
+    assert store.open(llm, "alice").config == reads  # the snapshot carries the config it was saved with
+    stale = store.open(llm, "alice", config=SMALL_INPUT)  # and the old read settings still open it
+    stale.inject("and another")
+    stale.save()
+    with pytest.raises(MemoryMismatchError, match="stores memory differently"):
+        store.open(llm, "alice", config=SMALL_INPUT.replace(block_size=8))
+    with pytest.raises(MemoryMismatchError, match="rebuild"):
+        stale.use_config(SMALL_INPUT.replace(pool_size=128))
+    assert stale.config == SMALL_INPUT
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 
 

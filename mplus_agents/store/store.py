@@ -433,8 +433,10 @@ class MemoryStore:
     ) -> LatentMemory:
         """Load `user_id`'s memory (a new empty one if the user is unknown and `create`).
 
-        The memory keeps the configuration it was made with; passing another `config`, or a model whose
-        fingerprint differs from the one that wrote it, raises `MemoryMismatchError`. A corrupt or missing
+        A `config` that differs from the stored one only in read-time fields (`config.READ_FIELDS`: the index,
+        the retrieval budget, the selection...) is applied, and saved with the next snapshot; one that would
+        store memory differently, or a model whose fingerprint differs from the one that wrote it, raises
+        `MemoryMismatchError`. A corrupt or missing
         shard raises `CorruptShardError`. With `rebuild=True` both cases instead rebuild the memory from its
         ledger with this model (and `config`) and commit the result.
         """
@@ -448,8 +450,8 @@ class MemoryStore:
                 mem._binding = Binding(self, user_id, version=0)
                 return mem
             problems = fpr.differences(head.fingerprint, fpr.model_fingerprint(llm))
-            if config is not None and config != head.config:
-                problems.append("memory config: stored and requested configurations differ")
+            if config is not None and not config.same_storage(head.config):
+                problems.append("memory config: the requested configuration stores memory differently")
             if problems:
                 if rebuild:
                     return self.rebuild(llm, user_id, config=config or head.config)
@@ -476,6 +478,8 @@ class MemoryStore:
                     return self.rebuild(llm, user_id, config=config)
                 raise
             mem = LatentMemory(llm, head.config, state, user_id=user_id)
+            if config is not None and config != head.config:
+                mem.use_config(config)  # only read-time fields differ (checked above)
             mem.pending = pending
             mem._binding = Binding(self, user_id, version=head.version, known=known)
             return mem
@@ -639,7 +643,7 @@ class MemoryStore:
 
     def _check_compatible(self, llm: MPlusLLM, config: MemoryConfig, head: _Head, user_id: str) -> None:
         problems = fpr.differences(head.fingerprint, fpr.model_fingerprint(llm))
-        if config != head.config:
+        if not config.same_storage(head.config):
             problems.append("memory config differs")
         if problems:
             raise MemoryMismatchError(
