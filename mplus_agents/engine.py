@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -169,16 +170,37 @@ class Engine:
         self.use_fast = os.environ.get("MPLUS_FAST_PATH", "1") != "0"
         """Decode steps and `input` injections run on `FastDecoder` when the model supports it (same
         numbers within fp32 tolerance, tests/test_fast.py). Set False (or MPLUS_FAST_PATH=0) for stock HF."""
+        self.decode_weights: str | None = os.environ.get("MPLUS_DECODE_WEIGHTS") or None
+        """"bfloat16": decode steps of an fp32 model on CPU read bf16 copies of the weight matrices (half the
+        bytes, about twice the decode speed; every weight is rounded to bf16, so replies may differ from fp32
+        ones). None: the model's own weights. Needs the compiled step; without it a warning and the model's."""
         self._fast: FastDecoder | None = None
 
     def fast(self) -> FastDecoder | None:
         """The fast path for this model, (re)built when the weights changed; None when off or unsupported."""
         if not self.use_fast or not FastDecoder.supports(self.arch):
             return None
+        want = self._decode_dtype()
         fast = self._fast
-        if fast is None or not fast.current() or fast.dtype != self.arch.dtype or fast.device != self.arch.device:
-            fast = self._fast = FastDecoder(self.arch)
+        if (
+            fast is None or not fast.current() or fast.dtype != self.arch.dtype or fast.device != self.arch.device
+            or fast.weights != want
+        ):
+            try:
+                fast = FastDecoder(self.arch, weights=want)
+            except (RuntimeError, ValueError) as exc:
+                warnings.warn(f"mplus_agents: decode_weights={self.decode_weights!r} ignored: {exc}", stacklevel=2)
+                self.decode_weights = None
+                fast = FastDecoder(self.arch)
+            self._fast = fast
         return fast
+
+    def _decode_dtype(self) -> torch.dtype | None:
+        if self.decode_weights in (None, "", "model"):
+            return None
+        if self.decode_weights != "bfloat16":
+            raise ValueError(f"decode_weights must be 'bfloat16' or None, not {self.decode_weights!r}")
+        return torch.bfloat16
 
     # ------------------------------------------------------------------ prefix plumbing
 

@@ -111,7 +111,11 @@ class StaticCache:
 class FastDecoder:
     """The decoder's math on raw weights, for one model and dtype. Stateless across calls (thread-safe)."""
 
-    def __init__(self, arch: Arch, *, pack: bool | None = None, native: bool | None = None) -> None:
+    def __init__(
+        self, arch: Arch, *, pack: bool | None = None, native: bool | None = None, weights: torch.dtype | None = None
+    ) -> None:
+        """`native`: the compiled step (None: when available; True: required). `weights=torch.bfloat16` has the
+        compiled step read bf16 copies of an fp32 model's matrices (`NativeStep`); it needs the compiled step."""
         if not self.supports(arch):
             raise ValueError(f"{type(arch.model).__name__} is not supported by the fast path")
         self.arch = arch
@@ -121,8 +125,10 @@ class FastDecoder:
         lib = None
         if native is not False and self.device.type == "cpu" and self.dtype == torch.float32:
             lib = native_kernels.load()
-            if lib is None and native:
+            if lib is None and (native or weights is not None):
                 raise RuntimeError("the compiled CPU decode kernel is not available (no C compiler, or MPLUS_NATIVE=0)")
+        if weights is not None and lib is None:
+            raise ValueError("decode weights of another dtype need the compiled step: an fp32 model on CPU")
         # Decode steps read the compiled step's own panels when it runs, so the torch-side packed copy would
         # only serve injection, whose [512, d] products MKL runs as fast from the model's own weights.
         self.pack = (self.device.type == "cpu" and lib is None) if pack is None else pack
@@ -140,11 +146,13 @@ class FastDecoder:
             self.lm_head = self._parts([model.lm_head])
         empty = torch.empty(0, s.head_dim, dtype=self.dtype, device=self.device)
         self._rope: tuple[torch.Tensor, torch.Tensor] = (empty, empty)
+        self.weights = weights
+        """The dtype asked for the compiled step's matrices (None: the model's)."""
         self.native: NativeStep | None = None
         """The compiled step (kernels/cpu_decode.c) for fp32 on CPU when a C compiler is there, else None."""
         if lib is not None:
             with torch.no_grad():
-                self.native = NativeStep(lib, self)
+                self.native = NativeStep(lib, self, weights or torch.float32)
 
     @staticmethod
     def supports(arch: Arch) -> bool:

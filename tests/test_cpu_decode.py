@@ -8,16 +8,19 @@ failing compiler falls back to torch with a warning, and MPLUS_NATIVE=0 switches
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from mplus_agents import MPlusLLM
 from mplus_agents.engine import Engine
 from mplus_agents.fast import FastDecoder, StaticCache
 from mplus_agents.kernels import cpu_decode, native
-from tests.conftest import tiny_llama
+from tests.conftest import CharTokenizer, tiny_llama
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
 
@@ -35,13 +38,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("n,k", [(960, 576), (576, 1536), (37, 29), (8, 16), (1, 1), (13, 100)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gemv_matches_linear(lib, n: int, k: int, with_bias: bool) -> None:
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_gemv_matches_linear(lib, n: int, k: int, with_bias: bool, weights: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(n * 1000 + k)
     w, x = torch.randn(n, k, generator=gen), torch.randn(k, generator=gen)
     bias = torch.randn(n, generator=gen) if with_bias else None
-    got = cpu_decode.gemv(lib, w, x, bias)
+    got = cpu_decode.gemv(lib, w, x, bias, weights)
     assert got.shape == (n,)
-    assert rel_err(got, F.linear(x, w, bias)) < 1e-6
+    # bf16 panels: the fp32 product with the weights rounded to bf16 (widening to fp32 is exact).
+    assert rel_err(got, F.linear(x, w.to(weights).float(), bias)) < 1e-6
+    if weights == torch.bfloat16:
+        assert rel_err(got, F.linear(x, w, bias)) > 1e-4  # the rounding is real: the check above can fail
 
 
 def test_pack_panel_layout() -> None:
@@ -91,6 +98,43 @@ def test_odd_sized_model_steps_match_torch_step(lib) -> None:
         assert got.shape == want.shape == (61,)
         assert rel_err(got, want) < 1e-5
     assert rel_err(caches[0].k, caches[1].k) < 1e-6 and rel_err(caches[0].v, caches[1].v) < 1e-6
+
+
+def test_bf16_weights_step_is_the_fp32_step_on_rounded_weights(lib) -> None:
+    """decode_weights='bfloat16': every matrix rounded to bf16, everything else (embeddings, norms) fp32."""
+    model = tiny_llama(seed=4, tie_word_embeddings=True)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        rounded.lm_head.weight = nn.Parameter(model.lm_head.weight.to(torch.bfloat16).float())  # unties it
+        for m in rounded.model.layers.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(m.weight.to(torch.bfloat16).float())
+    nat = FastDecoder(Engine(model).arch, weights=torch.bfloat16)
+    ref = FastDecoder(Engine(rounded).arch, native=False)
+    assert nat.native is not None and nat.native.weights == torch.bfloat16
+    caches = [StaticCache.empty(f, 24) for f in (nat, ref)]
+    for i, tok in enumerate([5, 9, 33, 2, 60, 17]):
+        assert rel_err(nat.step(caches[0], tok, i), ref.step(caches[1], tok, i)) < 1e-5
+
+
+def test_engine_decode_weights_setting(lib) -> None:
+    llm = MPlusLLM(tiny_llama(seed=2), CharTokenizer())
+    fp32_reply = llm.chat("abc", max_new_tokens=8)
+    llm.engine.decode_weights = "bfloat16"
+    fast = llm.engine.fast()
+    assert fast is not None and fast.native is not None and fast.native.weights == torch.bfloat16
+    assert isinstance(llm.chat("abc", max_new_tokens=8), str)
+    llm.engine.decode_weights = None
+    assert llm.engine.fast().native.weights == torch.float32  # type: ignore[union-attr]
+    assert llm.chat("abc", max_new_tokens=8) == fp32_reply
+    llm.engine.decode_weights = "int4"
+    with pytest.raises(ValueError, match="bfloat16"):
+        llm.engine.fast()
+    bf16 = MPlusLLM(tiny_llama(seed=2).to(torch.bfloat16), CharTokenizer())
+    bf16.engine.decode_weights = "bfloat16"
+    with pytest.warns(UserWarning, match="ignored"):
+        assert bf16.engine.fast() is not None
+    assert bf16.engine.decode_weights is None
 
 
 def test_build_is_cached_by_source_compiler_and_cpu(tmp_path, monkeypatch) -> None:

@@ -22,23 +22,26 @@
 #define MP_V 16  /* floats per slice */
 
 typedef float vf __attribute__((vector_size(64), aligned(4)));
+typedef unsigned short vh __attribute__((vector_size(32), aligned(2)));  /* 16 bfloat16 */
+typedef unsigned int vu __attribute__((vector_size(64)));
 
 typedef struct {
     const float *ln1, *ln2;   /* [D] */
-    const float *qkv;         /* panel: N = (H + 2 KV) hd, K = D */
+    const void *qkv;          /* panel: N = (H + 2 KV) hd, K = D (fp32, or bf16 when wtype = 1) */
     const float *qkv_bias;    /* [(H + 2 KV) hd] or NULL */
     const float *qk_norm;     /* [(H + KV), hd] or NULL */
-    const float *o;           /* panel: N = D, K = H hd */
-    const float *gate_up;     /* panel: N = 2 F, K = D (gate rows, then up rows) */
-    const float *down;        /* panel: N = D, K = F */
+    const void *o;            /* panel: N = D, K = H hd */
+    const void *gate_up;      /* panel: N = 2 F, K = D (gate rows, then up rows) */
+    const void *down;         /* panel: N = D, K = F */
 } mp_layer;
 
 typedef struct {
     long layers, hidden, heads, kv_heads, head_dim, inter, vocab;
+    long wtype;               /* panels hold 0: fp32, 1: bf16 (activations and sums stay fp32) */
     float eps, scale;
     const float *embed;       /* [vocab, D] row-major */
     const float *norm;        /* [D] */
-    const float *lm_head;     /* panel: N = vocab, K = D */
+    const void *lm_head;      /* panel: N = vocab, K = D */
     const mp_layer *layer;    /* [layers] */
 } mp_model;
 
@@ -77,6 +80,39 @@ void mp_gemv(const float *panel, const float *x, const float *bias, float *y, lo
             y[row] = mp_hsum(acc[r]) + (bias != NULL && row < n ? bias[row] : 0.0f);
         }
     }
+}
+
+/* mp_gemv over a bf16 panel: each slice widens to fp32 exactly (bf16 is fp32's upper half), so this is the fp32
+ * product with bf16-rounded weights, reading half the bytes. */
+void mp_gemv_bf16(const unsigned short *panel, const float *x, const float *bias, float *y, long n, long k) {
+    const long blocks = mp_pad(n, MP_R) / MP_R, slices = mp_pad(k, MP_V) / MP_V;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < blocks; b++) {
+        const unsigned short *w = panel + b * MP_R * slices * MP_V;
+        vf acc[MP_R];
+        for (int r = 0; r < MP_R; r++) acc[r] = (vf){0};
+        for (long c = 0; c < slices; c++) {
+            const vf xv = *(const vf *)(x + c * MP_V);
+            for (int r = 0; r < MP_R; r++) {
+                const vu wide = __builtin_convertvector(*(const vh *)(w + (c * MP_R + r) * MP_V), vu) << 16;
+                vf wf;
+                memcpy(&wf, &wide, sizeof wf);
+                acc[r] += wf * xv;
+            }
+        }
+        for (int r = 0; r < MP_R; r++) {
+            const long row = b * MP_R + r;
+            y[row] = mp_hsum(acc[r]) + (bias != NULL && row < n ? bias[row] : 0.0f);
+        }
+    }
+}
+
+static void mp_product(const mp_model *m, const void *panel, const float *x, const float *bias, float *y, long n,
+                       long k) {
+    if (m->wtype == 1)
+        mp_gemv_bf16((const unsigned short *)panel, x, bias, y, n, k);
+    else
+        mp_gemv((const float *)panel, x, bias, y, n, k);
 }
 
 /* out = w * x / sqrt(mean(x^2) + eps), LlamaRMSNorm in fp32. */
@@ -152,7 +188,7 @@ void mp_step(const mp_model *m, float *cache_k, float *cache_v, long cap, long l
     for (long l = 0; l < m->layers; l++) {
         const mp_layer *ly = &m->layer[l];
         mp_rms(h, ly->ln1, xn, D, m->eps);
-        mp_gemv(ly->qkv, xn, ly->qkv_bias, qkv, nqkv, D);
+        mp_product(m, ly->qkv, xn, ly->qkv_bias, qkv, nqkv, D);
         for (long j = 0; j < H + KV; j++) {
             float *x = qkv + j * hd;
             if (ly->qk_norm != NULL) mp_rms(x, ly->qk_norm + j * hd, x, hd, m->eps);
@@ -164,17 +200,17 @@ void mp_step(const mp_model *m, float *cache_k, float *cache_v, long cap, long l
             memcpy(vc + (g * cap + len) * hd, qkv + (H + KV + g) * hd, (size_t)hd * sizeof(float));
         }
         mp_attend(qkv, kc, vc, att, scores, H, KV, hd, cap, len + 1, m->scale);
-        mp_gemv(ly->o, att, NULL, out, D, H * hd);
+        mp_product(m, ly->o, att, NULL, out, D, H * hd);
         for (long i = 0; i < D; i++) h[i] += out[i];
         mp_rms(h, ly->ln2, xn, D, m->eps);
-        mp_gemv(ly->gate_up, xn, NULL, gu, 2 * F, D);
+        mp_product(m, ly->gate_up, xn, NULL, gu, 2 * F, D);
         for (long i = 0; i < F; i++) {
             const float g = gu[i];
             act[i] = g / (1.0f + expf(-g)) * gu[F + i];
         }
-        mp_gemv(ly->down, act, NULL, out, D, F);
+        mp_product(m, ly->down, act, NULL, out, D, F);
         for (long i = 0; i < D; i++) h[i] += out[i];
     }
     mp_rms(h, m->norm, xn, D, m->eps);
-    mp_gemv(m->lm_head, xn, NULL, logits, m->vocab, D);
+    mp_product(m, m->lm_head, xn, NULL, logits, m->vocab, D);
 }

@@ -92,8 +92,9 @@ def build(cc: str, target: Path) -> None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    lib.mp_gemv.argtypes = [p, p, p, p, i, i]
-    lib.mp_gemv.restype = None
+    for gemv in (lib.mp_gemv, lib.mp_gemv_bf16):
+        gemv.argtypes = [p, p, p, p, i, i]
+        gemv.restype = None
     lib.mp_rms.argtypes = [p, p, p, i, f]
     lib.mp_rms.restype = None
     lib.mp_attend.argtypes = [p, p, p, p, p, i, i, i, i, i, f]
