@@ -52,6 +52,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="conversation seed (facts, filler, layout)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--dtype", default=None, help="model dtype, e.g. bfloat16 (default fp32)")
+    parser.add_argument(
+        "--decode-weights", default=None, choices=["bfloat16"],
+        help="decode steps read bf16 copies of the fp32 weights (Engine.decode_weights; default: the model's)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for CSV/PNG/JSON outputs")
     parser.add_argument("--tag", default="", help="suffix for output file names (tuning runs)")
     group = parser.add_argument_group("memory config overrides (default: MemoryConfig())")
@@ -70,7 +74,9 @@ def memory_config(args: argparse.Namespace) -> MemoryConfig:
 def load_llm(args: argparse.Namespace) -> MPlusLLM:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return MPlusLLM.from_default(config=memory_config(args), dtype=args.dtype)
+    llm = MPlusLLM.from_default(config=memory_config(args), dtype=args.dtype)
+    llm.engine.decode_weights = args.decode_weights
+    return llm
 
 
 def out_name(args: argparse.Namespace, stem: str, ext: str) -> Path:
@@ -289,6 +295,7 @@ def run_info(args: argparse.Namespace, llm: MPlusLLM) -> dict[str, Any]:
         "argv": sys.argv,
         "model": llm.name,
         "dtype": str(llm.engine.arch.dtype),
+        "decode_weights": llm.engine.decode_weights,
         "threads": torch.get_num_threads(),
         "memory_config": json.loads(llm.config.to_json()),
         "torch": torch.__version__,

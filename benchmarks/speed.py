@@ -9,6 +9,8 @@ prompt of the same length:
 - `ours-torch`: the same fast path with its torch step (the default before the compiled step; also what runs
   without a C compiler);
 - `ours-stock`: the same with the fast path off (HF forward + DynamicCache per step);
+- `ours-bf16`: `ours` with `Engine.decode_weights = "bfloat16"` (bf16 copies of the matrices; its floor counts
+  half the weight bytes);
 - `hf-generate`: plain `model.generate` on a prompt of the same total length (per-token time from the
   difference of N-token and 1-token runs, so the prefill is excluded);
 - `llama.cpp`: llama-cpp-python on the GGUF the embedded model comes from (Q4_1 weights), same token ids.
@@ -261,6 +263,8 @@ def main() -> None:
     }
     if compiled.native is None:
         print("the compiled step is unavailable (no C compiler or MPLUS_NATIVE=0): `ours` runs the torch step")
+    else:  # opt-in: bf16 copies of the matrices (Engine.decode_weights), its floor counts bf16 bytes
+        decoders["ours-bf16"] = FastDecoder(llm.engine.arch, weights=torch.bfloat16)
     for name, mem in (("short", empty), ("full-memory", full)):
         _, ctx = ours_decode(llm, mem, message, 1, compiled)
         question = llm.chat_prompt([{"role": "user", "content": message}]).ids.tolist()
@@ -310,6 +314,8 @@ def main() -> None:
         if system == "llama.cpp":
             assert cpp is not None
             nbytes = cpp.weight_bytes() + ctx_len * kv_bytes_per_position(llm, 2)  # f16 K/V by default
+        elif system == "ours-bf16":
+            nbytes = fp32_weights // 2 + ctx_len * kv_bytes_per_position(llm, 4)
         else:
             nbytes = fp32_weights + ctx_len * kv_bytes_per_position(llm, 4)
         floor_ms = nbytes / (bandwidth * 1e9) * 1000

@@ -188,7 +188,7 @@ class Engine:
         ):
             try:
                 fast = FastDecoder(self.arch, weights=want)
-            except (RuntimeError, ValueError) as exc:
+            except RuntimeError as exc:
                 warnings.warn(f"mplus_agents: decode_weights={self.decode_weights!r} ignored: {exc}", stacklevel=2)
                 self.decode_weights = None
                 fast = FastDecoder(self.arch)

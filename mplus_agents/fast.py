@@ -125,10 +125,11 @@ class FastDecoder:
         lib = None
         if native is not False and self.device.type == "cpu" and self.dtype == torch.float32:
             lib = native_kernels.load()
-            if lib is None and (native or weights is not None):
-                raise RuntimeError("the compiled CPU decode kernel is not available (no C compiler, or MPLUS_NATIVE=0)")
-        if weights is not None and lib is None:
-            raise ValueError("decode weights of another dtype need the compiled step: an fp32 model on CPU")
+        if lib is None and (native or weights is not None):
+            raise RuntimeError(
+                "the compiled CPU decode step is not available: it needs an fp32 model on CPU and a C compiler "
+                "(and MPLUS_NATIVE not 0)"
+            )
         # Decode steps read the compiled step's own panels when it runs, so the torch-side packed copy would
         # only serve injection, whose [512, d] products MKL runs as fast from the model's own weights.
         self.pack = (self.device.type == "cpu" and lib is None) if pack is None else pack
