@@ -9,6 +9,7 @@ Only fp32 on CPU; FastDecoder falls back to its torch step for anything else.
 from __future__ import annotations
 
 import ctypes
+import mmap
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +42,47 @@ def pack_panel(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Ten
     padded = w.new_zeros(_pad(n, ROWS), _pad(k, LANES), dtype=dtype)
     padded[:n, :k] = w
     return padded.view(-1, ROWS, padded.shape[1] // LANES, LANES).transpose(1, 2).contiguous()
+
+
+def panel_numel(n: int, k: int) -> int:
+    """Elements of pack_panel's result for an [n, k] matrix."""
+    return _pad(n, ROWS) * _pad(k, LANES)
+
+
+class PanelArena:
+    """One anonymous mapping for all of a model's panels, asked (Linux MADV_HUGEPAGE) for 2 MB pages.
+
+    Why: the hardware prefetchers stop at every 4 KB page boundary and each page costs a TLB walk, so a
+    bandwidth-bound stream over 4 KB pages runs about a quarter slower than over 2 MB pages (measured here with
+    transparent huge pages in `madvise` mode, the common default: 24 vs 32 GB/s for the same panel product).
+    Small separate tensors could not use 2 MB pages at all; one mapping holds everything. Where the advice is
+    unknown or refused, the pages are ordinary ones and nothing else changes.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, nbytes: int, huge_pages: bool = True) -> None:
+        # Private: a shared anonymous mapping is shmem, whose huge pages follow another (usually off) setting.
+        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.huge_pages = False
+        if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                self._map.madvise(mmap.MADV_HUGEPAGE)
+                self.huge_pages = True
+            except OSError:
+                pass
+        self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.used = 0
+
+    def pack(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """pack_panel(w, dtype), written into the arena."""
+        n, k = w.shape
+        size = panel_numel(n, k) * dtype.itemsize
+        start = _pad(self.used, self.ALIGN)
+        out = self.buffer[start : start + size].view(dtype)
+        out.copy_(pack_panel(w, dtype).reshape(-1))
+        self.used = start + size
+        return out
 
 
 def padded_input(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +125,9 @@ class NativeStep:
     (norms, embeddings, activations and sums stay fp32).
     """
 
-    def __init__(self, lib: ctypes.CDLL, fast: FastDecoder, weights: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, lib: ctypes.CDLL, fast: FastDecoder, weights: torch.dtype = torch.float32, *, huge_pages: bool = True
+    ) -> None:
         if weights not in WEIGHT_TYPES:
             raise ValueError(f"the compiled step reads float32 or bfloat16 weights, not {weights}")
         self.lib = lib
@@ -93,6 +137,13 @@ class NativeStep:
         s = arch.shapes
         self.vocab = int(fast.embed.shape[0])
         keep: list[torch.Tensor] = []
+        linears = [
+            child for block in arch.layers for part in (block.self_attn, block.mlp) for child in part.children()
+            if isinstance(child, torch.nn.Linear)
+        ] + [model.lm_head]
+        nbytes = sum(panel_numel(m.out_features, m.in_features) for m in linears) * weights.itemsize
+        # Panels of fused projections pad less than their parts; the per-panel alignment needs a little more.
+        self.arena = PanelArena(nbytes + PanelArena.ALIGN * (len(linears) + 1), huge_pages)
 
         def hold(t: torch.Tensor | None) -> int | None:
             if t is None:
@@ -102,9 +153,7 @@ class NativeStep:
             return t.data_ptr()
 
         def panel(*modules: torch.nn.Linear) -> int | None:
-            packed = pack_panel(torch.cat([m.weight.detach() for m in modules]), weights)
-            keep.append(packed)
-            return packed.data_ptr()
+            return self.arena.pack(torch.cat([m.weight.detach() for m in modules]), weights).data_ptr()
 
         layers = (_Layer * s.layers)()
         inter = 0
