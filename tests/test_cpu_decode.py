@@ -59,6 +59,19 @@ def test_pack_panel_layout() -> None:
     assert p[2, 0, 4, 0] == 0 and p[0, 1, 0, 4] == 0  # padding rows and columns are zero
 
 
+def test_arena_packs_aligned_panels() -> None:
+    shapes = [(37, 29), (960, 576), (8, 16)]
+    arena = cpu_decode.PanelArena(sum(cpu_decode.panel_numel(n, k) * 4 + 64 for n, k in shapes))
+    gen = torch.Generator().manual_seed(3)
+    for n, k in shapes:
+        w = torch.randn(n, k, generator=gen)
+        got = arena.pack(w, torch.float32)
+        assert got.data_ptr() % 64 == 0
+        assert torch.equal(got, cpu_decode.pack_panel(w).reshape(-1))
+    with pytest.raises(ValueError, match="full"):  # a panel past the mapping's end is refused, never written
+        arena.pack(torch.randn(64, 64), torch.float32)
+
+
 @pytest.mark.parametrize("n", [576, 48, 7])
 def test_rms_matches_torch(lib, n: int) -> None:
     gen = torch.Generator().manual_seed(n)

@@ -79,6 +79,8 @@ class PanelArena:
         n, k = w.shape
         size = panel_numel(n, k) * dtype.itemsize
         start = _pad(self.used, self.ALIGN)
+        if start + size > self.buffer.numel():
+            raise ValueError(f"panel arena full: {start + size} of {self.buffer.numel()} bytes")
         out = self.buffer[start : start + size].view(dtype)
         out.copy_(pack_panel(w, dtype).reshape(-1))
         self.used = start + size
