@@ -364,7 +364,12 @@ class MPlusLLM:
     def check_fits(self, state: MemoryState, prompt: Prompt, max_new_tokens: int) -> None:
         """Refuse before any work when [memory prefix, prompt, reply] cannot fit the model's positions."""
         cfg = state.config
-        prefix = len(self.sink(cfg)) + min(cfg.retrieve_tokens, state.long_term_size()) + len(state.pool)
+        # What a read places: the sink, the newest `read_pool_tokens` of the pool (all of it when None), and at
+        # most `retrieve_tokens` from everything older (long-term store, staging cache, older pool tokens).
+        pool = len(state.pool)
+        shown = pool if cfg.read_pool_tokens is None else min(cfg.read_pool_tokens, pool)
+        retrievable = state.long_term_size() + pool - shown
+        prefix = len(self.sink(cfg)) + min(cfg.retrieve_tokens, retrievable) + shown
         need = prefix + int(prompt.ids.numel()) + max_new_tokens
         if need > self.max_positions():
             raise PromptTooLongError(

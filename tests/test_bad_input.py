@@ -9,6 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from mplus_agents import InvalidInputError, MemoryConfig, MPlusLLM, UnsupportedModelError
 from mplus_agents.errors import ModelNotFoundError, PromptTooLongError
+from mplus_agents.generation import SamplingConfig
 from tests.conftest import CharTokenizer, tiny_llama
 
 
@@ -235,6 +236,26 @@ def test_prompt_that_cannot_fit_the_positions_is_refused_before_any_work() -> No
     with pytest.raises(PromptTooLongError, match="exceeds the model's 64 positions"):
         llm.chat("x" * 80, max_new_tokens=4)
     assert llm.chat("short", max_new_tokens=4) is not None
+
+
+def test_position_check_counts_only_what_a_read_places() -> None:
+    """With `read_pool_tokens`, a full pool is mostly retrieval candidates: the bound is sink + shown pool +
+    retrieval budget, so the longest prompt it admits must run, and one token more must be refused."""
+    cfg = MemoryConfig(
+        pool_size=256, chunk_size=64, min_chunk=17, injection_context=64, retrieve_tokens=32, block_size=8,
+        read_pool_tokens=16,
+    )
+    llm = MPlusLLM(tiny_llama(max_position_embeddings=200), CharTokenizer(), cfg)
+    mem = llm.new_memory()
+    mem.inject("some filler text, " * 20, role="user")
+    assert len(mem.state.pool) == 256 and mem.state.long_term_size() > 0
+    room = 200 - len(llm.sink(cfg)) - 16 - 32 - 4  # the whole pool alone would leave no room at all
+    gen = llm.start(llm.raw_prompt("q" * room), mem, SamplingConfig(max_new_tokens=4))
+    "".join(gen.pieces)
+    assert gen.read.pool_tokens == 16 and 0 < gen.read.retrieved_tokens <= 32
+    assert gen.read.prefix_tokens + room + 4 <= 200  # the bound held: every position is one the model has
+    with pytest.raises(PromptTooLongError):
+        llm.start(llm.raw_prompt("q" * (room + 1)), mem, SamplingConfig(max_new_tokens=4))
 
 
 def test_bytes_are_not_taken_for_a_message_list() -> None:
