@@ -17,7 +17,10 @@ prompt of the same length:
 Each is also given as a fraction of its bandwidth floor: (weight bytes + attended K/V bytes per token) /
 memory bandwidth, where bandwidth is measured in the same run (best of several sums over a 1 GB tensor):
 `of floor` against the best bandwidth of the whole run, `of round` as the median over rounds of each round's
-decode against the bandwidth measured just before and after it (a shared machine's bandwidth drifts 2x).
+decode against the bandwidth measured just before and after it (a shared machine's bandwidth drifts 2x), and
+`paired` (fast-path systems, which can be stepped one token at a time) as the median over steps of each
+step against a 256 MB bandwidth probe read right before it: this VM's bandwidth jumps between ~33 and ~60 GB/s
+every few seconds, so only a reading milliseconds away is the floor the step actually had.
 
 Injection: `LatentMemory.inject` of a long text (fast path on and off) next to plain HF prefill of the same
 tokens in the same 512-token chunks, and as FLOP/s over the GEMM FLOP/s measured in the same run.
@@ -134,19 +137,22 @@ def filler_text(llm: MPlusLLM, tokens: int, seed: int) -> str:
 # ---------------------------------------------------------------------------------------------- decode
 
 
+def _read(llm: MPlusLLM, mem: Any, message: str) -> tuple[Any, int, int]:
+    """The memory read a generation starts with: (its DynamicCache, next position, first token)."""
+    prompt = llm.chat_prompt([{"role": "user", "content": message}], mem.pending)
+    with torch.no_grad():
+        logits, cache, pos, _ = llm.engine.read(mem.state, llm.sink(mem.config), prompt.ids, prompt.query_index)
+    return cache, pos, int(torch.argmax(logits))
+
+
 def ours_decode(llm: MPlusLLM, mem: Any, message: str, n: int, decoder: FastDecoder | None) -> tuple[float, int]:
     """ms/token of the steps after the memory read (the read is the prefill); returns (ms, prefix+prompt).
 
     `decoder` runs the steps on a static cache (the compiled C step or the torch fast path, whichever it was
     built with); None takes the stock HF forward + DynamicCache per step.
     """
-    engine = llm.engine
-    prompt = llm.chat_prompt([{"role": "user", "content": message}], mem.pending)
-    sink = llm.sink(mem.config)
-    with torch.no_grad():
-        logits, cache, pos, _ = engine.read(mem.state, sink, prompt.ids, prompt.query_index)
+    cache, pos, token = _read(llm, mem, message)
     context = pos
-    token = int(torch.argmax(logits))
     if decoder is not None:
         static = StaticCache.from_dynamic(decoder, cache, n)
         t = time.perf_counter()
@@ -157,9 +163,43 @@ def ours_decode(llm: MPlusLLM, mem: Any, message: str, n: int, decoder: FastDeco
         t = time.perf_counter()
         with torch.no_grad():
             for _ in range(n):
-                token = int(torch.argmax(engine.forward(cache, torch.tensor([token]), pos)[-1]))
+                token = int(torch.argmax(llm.engine.forward(cache, torch.tensor([token]), pos)[-1]))
                 pos += 1
     return (time.perf_counter() - t) / n * 1000, context
+
+
+class BandwidthProbe:
+    """One sum over 256 MB of random floats on 2 MB pages: the bandwidth of this moment, in ~5-10 ms."""
+
+    def __init__(self) -> None:
+        self.arena = PanelArena(256 << 20)
+        self.data = self.arena.buffer.view(torch.float32)
+        self.data.normal_()
+
+    def gbs(self) -> float:
+        t = time.perf_counter()
+        self.data.sum()
+        return self.data.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
+def paired_of_floor(
+    llm: MPlusLLM, mem: Any, message: str, n: int, decoder: FastDecoder, probe: BandwidthProbe, nbytes: int
+) -> float:
+    """Median over n steps of (floor at the bandwidth read just before the step) / (the step's time).
+
+    This VM's bandwidth jumps between ~33 and ~60 GB/s every few seconds, which is longer than a step, so a
+    reading taken milliseconds before each step is the floor that step actually had.
+    """
+    cache, pos, token = _read(llm, mem, message)
+    static = StaticCache.from_dynamic(decoder, cache, n)
+    fractions = []
+    for _ in range(n):
+        bw = probe.gbs()
+        t = time.perf_counter()
+        token = int(torch.argmax(decoder.step(static, token, pos)))
+        fractions.append(nbytes / (bw * 1e9) / (time.perf_counter() - t))
+        pos += 1
+    return statistics.median(fractions)
 
 
 def hf_decode(llm: MPlusLLM, ids: list[int], n: int) -> float:
@@ -289,18 +329,34 @@ def main() -> None:
             cpp_note = "llama-cpp-python not installed (pip install llama-cpp-python); column skipped"
     print(f"threads {threads}; {cpp_note}".rstrip("; "))
 
+    fp32_weights = weight_bytes(llm.model)
+
+    def step_bytes(system: str, ctx_len: int) -> int:
+        """Bytes one decode step reads: weights (as each system stores them) + the attended K/V."""
+        if system == "llama.cpp":
+            assert cpp is not None
+            return cpp.weight_bytes() + ctx_len * kv_bytes_per_position(llm, 2)  # f16 K/V by default
+        weights = fp32_weights // 2 if system == "ours-bf16" else fp32_weights
+        return weights + ctx_len * kv_bytes_per_position(llm, 4)
+
     decode: dict[tuple[str, str], list[float]] = {}
+    paired: dict[tuple[str, str], list[float]] = {}
     inject: dict[str, list[float]] = {}
     bw: list[float] = []
     gemm: list[float] = []
     n = args.decode_tokens
     round_bw: list[float] = []
+    probe = BandwidthProbe()
     for r in range(args.rounds):
         bw.append(bandwidth_gbs())
         gemm.append(gemm_gflops())
         for name, (mem, ids) in contexts.items():
             for system, decoder in decoders.items():
                 decode.setdefault((name, system), []).append(ours_decode(llm, mem, message, n, decoder)[0])
+                if decoder is not None:
+                    nbytes = step_bytes(system, len(ids))
+                    fraction = paired_of_floor(llm, mem, message, n, decoder, probe, nbytes)
+                    paired.setdefault((name, system), []).append(fraction)
             decode.setdefault((name, "hf-generate"), []).append(hf_decode(llm, ids, n))
             if cpp is not None:
                 decode.setdefault((name, "llama.cpp"), []).append(cpp.decode(ids, n))
@@ -316,17 +372,10 @@ def main() -> None:
 
     bandwidth = max(bw)  # the floor uses the best bandwidth seen: a floor must not be flattered by noise
     gemm_peak = max(gemm)
-    fp32_weights = weight_bytes(llm.model)
     rows: list[dict[str, Any]] = []
     for (ctx_name, system), values in decode.items():
         ctx_len = len(contexts[ctx_name][1])
-        if system == "llama.cpp":
-            assert cpp is not None
-            nbytes = cpp.weight_bytes() + ctx_len * kv_bytes_per_position(llm, 2)  # f16 K/V by default
-        elif system == "ours-bf16":
-            nbytes = fp32_weights // 2 + ctx_len * kv_bytes_per_position(llm, 4)
-        else:
-            nbytes = fp32_weights + ctx_len * kv_bytes_per_position(llm, 4)
+        nbytes = step_bytes(system, ctx_len)
         floor_ms = nbytes / (bandwidth * 1e9) * 1000
         ms = statistics.median(values)
         # Each round's decode against the bandwidth measured around it, as a second reading of the same ratio.
@@ -336,6 +385,9 @@ def main() -> None:
             unit="ms/token", min=round(min(values), 2), max=round(max(values), 2),
             floor_ms=round(floor_ms, 2), of_floor=round(floor_ms / ms, 3),
             of_round_floor=round(statistics.median(per_round), 3),
+            of_paired_floor=(
+                round(statistics.median(paired[(ctx_name, system)]), 3) if (ctx_name, system) in paired else None
+            ),
         ))
     stock = {r["context"]: r["value"] for r in rows if r["system"] == "hf-generate"}
     for row in rows:
@@ -367,12 +419,13 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     print(f"\nbandwidth {meta['bandwidth_gbs']} GB/s (best of {meta['bandwidth_rounds']}), "
           f"GEMM {meta['gemm_gflops']} GFLOP/s (best of {meta['gemm_rounds']}), threads {meta['threads']}")
     print(f"\n{'decode':<12} {'ctx':>6} {'system':<12} {'ms/tok':>8} {'range':>13} {'floor':>7} {'of floor':>9} "
-          f"{'of round':>9} {'x HF gen':>9}")
+          f"{'of round':>9} {'paired':>7} {'x HF gen':>9}")
     for r in rows:
         if r["kind"] == "decode":
+            pair = "n/a" if r["of_paired_floor"] is None else f"{r['of_paired_floor']:.0%}"
             print(f"{r['context']:<12} {r['context_tokens']:>6} {r['system']:<12} {r['value']:>8.1f} "
                   f"{r['min']:>6.1f}-{r['max']:<6.1f} {r['floor_ms']:>7.1f} {r['of_floor']:>9.0%} "
-                  f"{r['of_round_floor']:>9.0%} {r['vs_hf_generate']:>9.2f}")
+                  f"{r['of_round_floor']:>9.0%} {pair:>7} {r['vs_hf_generate']:>9.2f}")
     print(f"\n{'inject':<12} {'system':<12} {'tok/s':>8} {'range':>13} {'GFLOP/s':>8} {'of GEMM':>8} "
           f"{'x HF prefill':>13}")
     for r in rows:
