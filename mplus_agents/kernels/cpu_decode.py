@@ -137,7 +137,7 @@ class NativeStep:
         arch = fast.arch
         model = arch.model
         s = arch.shapes
-        self.vocab = int(fast.embed.shape[0])
+        self.vocab = int(model.lm_head.out_features)  # logits; the embedding rows are only looked up
         keep: list[torch.Tensor] = []
         linears = [
             child for block in arch.layers for part in (block.self_attn, block.mlp) for child in part.children()
