@@ -62,6 +62,21 @@ Timer = Callable[[], float]
 # ---------------------------------------------------------------------------------------------- machine
 
 
+class BandwidthProbe:
+    """Sums over `nbytes` of random floats (2 MB pages unless told otherwise): the read bandwidth of a moment."""
+
+    def __init__(self, nbytes: int = 256 << 20, huge_pages: bool = True) -> None:
+        self.arena = PanelArena(nbytes, huge_pages=huge_pages)
+        self.data = self.arena.buffer.view(torch.float32)
+        self.data.normal_()
+
+    def gbs(self) -> float:
+        """GB/s of one sum (256 MB: ~5-10 ms)."""
+        t = time.perf_counter()
+        self.data.sum()
+        return self.data.numel() * 4 / (time.perf_counter() - t) / 1e9
+
+
 def bandwidth_gbs(reps: int = 5) -> float:
     """Best read bandwidth over a 1 GB fp32 tensor (sum), GB/s: the denominator of every floor.
 
@@ -70,14 +85,9 @@ def bandwidth_gbs(reps: int = 5) -> float:
     """
     best = 0.0
     for huge in (False, True):
-        arena = PanelArena(1 << 30, huge_pages=huge)
-        big = arena.buffer.view(torch.float32)
-        big.fill_(1.0)
-        for _ in range(reps):
-            t = time.perf_counter()
-            big.sum()
-            best = max(best, big.numel() * 4 / (time.perf_counter() - t) / 1e9)
-        del big, arena
+        probe = BandwidthProbe(1 << 30, huge_pages=huge)
+        best = max(best, *(probe.gbs() for _ in range(reps)))
+        del probe
     return best
 
 
@@ -166,20 +176,6 @@ def ours_decode(llm: MPlusLLM, mem: Any, message: str, n: int, decoder: FastDeco
                 token = int(torch.argmax(llm.engine.forward(cache, torch.tensor([token]), pos)[-1]))
                 pos += 1
     return (time.perf_counter() - t) / n * 1000, context
-
-
-class BandwidthProbe:
-    """One sum over 256 MB of random floats on 2 MB pages: the bandwidth of this moment, in ~5-10 ms."""
-
-    def __init__(self) -> None:
-        self.arena = PanelArena(256 << 20)
-        self.data = self.arena.buffer.view(torch.float32)
-        self.data.normal_()
-
-    def gbs(self) -> float:
-        t = time.perf_counter()
-        self.data.sum()
-        return self.data.numel() * 4 / (time.perf_counter() - t) / 1e9
 
 
 def paired_of_floor(
