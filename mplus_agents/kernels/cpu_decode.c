@@ -63,48 +63,45 @@ static inline float mp_dot(const float *a, const float *b, long n) {
     return s;
 }
 
-/* y[0 : ceil(N/R) R] = panel . x (+ bias[0:N]); x has mp_pad(K, 16) floats, zero beyond K. */
-void mp_gemv(const float *panel, const float *x, const float *bias, float *y, long n, long k) {
-    const long blocks = mp_pad(n, MP_R) / MP_R, slices = mp_pad(k, MP_V) / MP_V;
-#pragma omp parallel for schedule(static)
-    for (long b = 0; b < blocks; b++) {
-        const float *w = panel + b * MP_R * slices * MP_V;
-        vf acc[MP_R];
-        for (int r = 0; r < MP_R; r++) acc[r] = (vf){0};
-        for (long c = 0; c < slices; c++) {
-            const vf xv = *(const vf *)(x + c * MP_V);
-            for (int r = 0; r < MP_R; r++) acc[r] += *(const vf *)(w + (c * MP_R + r) * MP_V) * xv;
-        }
-        for (int r = 0; r < MP_R; r++) {
-            const long row = b * MP_R + r;
-            y[row] = mp_hsum(acc[r]) + (bias != NULL && row < n ? bias[row] : 0.0f);
-        }
+/* Slice i (16 weights) of a panel as fp32; a bf16 slice widens exactly (bf16 is fp32's upper half). */
+static inline __attribute__((always_inline)) vf mp_slice(const void *panel, long i, int bf16) {
+    if (!bf16) return *((const vf *)panel + i);
+    const vu wide = __builtin_convertvector(*((const vh *)panel + i), vu) << 16;
+    vf out;
+    memcpy(&out, &wide, sizeof out);
+    return out;
+}
+
+/* Rows b*R .. b*R+R-1 of y = panel . x (+ bias[0:n]); x has `slices` * 16 floats, zero beyond K. `bf16` is a
+ * constant at both call sites, so each entry point's loop is specialised, with no branch in it. */
+static inline __attribute__((always_inline)) void mp_panel_rows(const void *panel, int bf16, const float *x,
+                                                                const float *bias, float *y, long n, long slices,
+                                                                long b) {
+    const long first = b * MP_R * slices;  /* index of the block's first slice */
+    vf acc[MP_R];
+    for (int r = 0; r < MP_R; r++) acc[r] = (vf){0};
+    for (long c = 0; c < slices; c++) {
+        const vf xv = *(const vf *)(x + c * MP_V);
+        for (int r = 0; r < MP_R; r++) acc[r] += mp_slice(panel, first + c * MP_R + r, bf16) * xv;
+    }
+    for (int r = 0; r < MP_R; r++) {
+        const long row = b * MP_R + r;
+        y[row] = mp_hsum(acc[r]) + (bias != NULL && row < n ? bias[row] : 0.0f);
     }
 }
 
-/* mp_gemv over a bf16 panel: each slice widens to fp32 exactly (bf16 is fp32's upper half), so this is the fp32
- * product with bf16-rounded weights, reading half the bytes. */
-void mp_gemv_bf16(const unsigned short *panel, const float *x, const float *bias, float *y, long n, long k) {
-    const long blocks = mp_pad(n, MP_R) / MP_R, slices = mp_pad(k, MP_V) / MP_V;
+/* y[0 : ceil(N/R) R] = panel . x (+ bias[0:N]); x has mp_pad(K, 16) floats, zero beyond K. */
+void mp_gemv(const float *panel, const float *x, const float *bias, float *y, long n, long k) {
+    const long slices = mp_pad(k, MP_V) / MP_V;
 #pragma omp parallel for schedule(static)
-    for (long b = 0; b < blocks; b++) {
-        const unsigned short *w = panel + b * MP_R * slices * MP_V;
-        vf acc[MP_R];
-        for (int r = 0; r < MP_R; r++) acc[r] = (vf){0};
-        for (long c = 0; c < slices; c++) {
-            const vf xv = *(const vf *)(x + c * MP_V);
-            for (int r = 0; r < MP_R; r++) {
-                const vu wide = __builtin_convertvector(*(const vh *)(w + (c * MP_R + r) * MP_V), vu) << 16;
-                vf wf;
-                memcpy(&wf, &wide, sizeof wf);
-                acc[r] += wf * xv;
-            }
-        }
-        for (int r = 0; r < MP_R; r++) {
-            const long row = b * MP_R + r;
-            y[row] = mp_hsum(acc[r]) + (bias != NULL && row < n ? bias[row] : 0.0f);
-        }
-    }
+    for (long b = 0; b < mp_pad(n, MP_R) / MP_R; b++) mp_panel_rows(panel, 0, x, bias, y, n, slices, b);
+}
+
+/* mp_gemv over a bf16 panel: the fp32 product with bf16-rounded weights, reading half the bytes. */
+void mp_gemv_bf16(const unsigned short *panel, const float *x, const float *bias, float *y, long n, long k) {
+    const long slices = mp_pad(k, MP_V) / MP_V;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < mp_pad(n, MP_R) / MP_R; b++) mp_panel_rows(panel, 1, x, bias, y, n, slices, b);
 }
 
 static void mp_product(const mp_model *m, const void *panel, const float *x, const float *bias, float *y, long n,
