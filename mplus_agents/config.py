@@ -18,7 +18,7 @@ Source = Literal["input", "output"]
 DropPolicy = Literal["random", "oldest"]
 Selection = Literal["shared", "per_layer"]
 Scorer = Literal["auto", "sigmoid_mean", "max_logit", "max_z", "retriever", "hybrid"]
-LtmIndex = Literal["exact", "auto", "torch", "faiss", "faiss_ivf"]
+LtmIndex = Literal["exact", "auto", "scan", "torch", "faiss", "faiss_ivf"]
 
 
 AUTO_SCORE_LAYERS = 5
@@ -95,11 +95,13 @@ class MemoryConfig:
     ltm_max_tokens: int | None = None
     """Hard cap per layer; the oldest entries are evicted beyond it. None: unbounded."""
     ltm_index: LtmIndex = "exact"
-    """How reads search the long-term store (mplus_agents.index). `exact` scores every token. `torch` and `faiss`
-    shortlist per query token, rescore exactly and prove the answer equals `exact`'s (`per_layer` reads with
-    `max_z`/`max_logit`; other reads fall back to exact). `faiss_ivf` is approximate (nprobe 16 of sqrt(n) lists;
+    """How reads search the long-term store (mplus_agents.index). `exact` scores every token. `scan` bounds every
+    token's score from an int8 copy of the keys in one compiled pass, rescores only the tokens that can matter
+    and proves the answer equals `exact`'s (CPU; without a C compiler it is `exact`). `torch` and `faiss`
+    shortlist per query token, rescore exactly and prove the same. These serve `per_layer` reads with
+    `max_z`/`max_logit`; other reads fall back to exact. `faiss_ivf` is approximate (nprobe 16 of sqrt(n) lists;
     at 1M tokens 16 ms per layer, 84% of the exact selection) and also serves `shared` reads without a lexical
-    part. `auto`: `torch` from `index.AUTO_MIN_TOKENS` tokens, where it starts to be faster than `exact`."""
+    part. `auto`: `scan` (or, without the compiled kernels, `torch`) from `index.AUTO_MIN_TOKENS` tokens."""
     ltm_dtype: str | None = None
     """Storage dtype of the long-term store (`bfloat16` halves RAM; `int8` stores keys and values as int8 with
     one float32 scale per token and KV head, about 3.8x less than float32, see `mplus_agents.quant`); None: the
@@ -136,7 +138,7 @@ class MemoryConfig:
             raise ValueError(f"unknown memory source {self.source!r}")
         if self.ltm_decay < 0 or self.ltm_initial_rf <= 0:
             raise ValueError("ltm_decay must be >= 0 and ltm_initial_rf > 0")
-        if self.ltm_index not in ("exact", "auto", "torch", "faiss", "faiss_ivf"):
+        if self.ltm_index not in ("exact", "auto", "scan", "torch", "faiss", "faiss_ivf"):
             raise ValueError(f"unknown ltm_index {self.ltm_index!r}")
         if self.scorer == "hybrid" and self.source != "input":
             raise ValueError("scorer='hybrid' needs the input source (its memory tokens are the injected tokens)")

@@ -123,7 +123,10 @@ class Candidates:
     def index(self, layer: int) -> LTMIndex:
         """One layer's candidates behind `config.ltm_index` (mplus_agents.index)."""
         keys = [p.k[layer] for p in self.parts]
-        return make_index(self.index_kind, LayerCandidates(keys, self.field("block", layer), self.field("age", layer)))
+        scales = [p.scale("k", layer) for p in self.parts]
+        return make_index(
+            self.index_kind, LayerCandidates(keys, self.field("block", layer), self.field("age", layer), scales)
+        )
 
     def select(self, layer: int, q: torch.Tensor, scorer: str, budget: int) -> torch.Tensor:
         """A `per_layer` selection; the trained retriever scores its own keys, so it bypasses the key index."""

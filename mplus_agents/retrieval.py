@@ -27,7 +27,7 @@ QUANT_CHUNK = 8192
 
 def _chunk(k: torch.Tensor, k_scale: torch.Tensor | None, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
     if k_scale is None:
-        return k[start:stop]
+        return k[start:stop].to(dtype)
     return quant.dequantize(k[start:stop], k_scale[start:stop], dtype)
 
 
@@ -76,19 +76,21 @@ def head_mean_logits(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | N
 
     The head mean is linear, so it folds into the query: mean_h q_h.k_h = (q_bar . k_flat) / kv_heads with
     q_bar the group-mean query per KV head. One contiguous GEMM [T, kv*hd] x [kv*hd, n], no copies of k.
-    int8 keys (with `k_scale` [n, kv_heads]) are dequantised `QUANT_CHUNK` rows at a time instead.
+    int8 keys (with `k_scale` [n, kv_heads]) are dequantised, and half-precision keys widened, `QUANT_CHUNK` rows
+    at a time instead: products in float32. (A bfloat16 product rounds every logit to 8 bits, which makes ties
+    that the selection then breaks by accident of summation order.)
     """
     t, heads, head_dim = q.shape
     n, kv_heads, _ = k.shape
     groups = heads // kv_heads
     q_bar = q.reshape(t, kv_heads, groups, head_dim).mean(dim=2).reshape(t, kv_heads * head_dim)
     q_bar = q_bar * (1.0 / (math.sqrt(head_dim) * kv_heads))
-    if k_scale is None:
+    if k_scale is None and k.dtype in (torch.float32, torch.float64):
         return (q_bar.to(k.dtype) @ k.reshape(n, kv_heads * head_dim).T).float()
     q_bar = q_bar.float()
     out = torch.empty(t, n, dtype=torch.float32, device=k.device)
     for start in range(0, n, QUANT_CHUNK):
-        kc = quant.dequantize(k[start : start + QUANT_CHUNK], k_scale[start : start + QUANT_CHUNK])
+        kc = _chunk(k, k_scale, start, start + QUANT_CHUNK, torch.float32)
         out[:, start : start + kc.shape[0]] = q_bar @ kc.reshape(kc.shape[0], kv_heads * head_dim).T
     return out
 

@@ -21,11 +21,13 @@ from mplus_agents.index import (
     ExactIndex,
     FaissIndex,
     LayerCandidates,
+    ScanIndex,
     ShortlistIndex,
     approximate_shared_select,
     make_index,
 )
 from mplus_agents.index.base import KeyStats, ScoreContext, certified_select, query_vectors
+from mplus_agents.index.scan import scan_available
 from mplus_agents.index.shortlist import _CACHE, FaissBackend, import_faiss
 from mplus_agents.retrieval import head_mean_logits, select_tokens
 from mplus_agents.state import MemoryState, TokenStore
@@ -54,6 +56,11 @@ def random_q(t: int, seed: int) -> torch.Tensor:
 
 def shortlist_indexes(cand: LayerCandidates, **kw: Any) -> list[ShortlistIndex]:
     return [ShortlistIndex(cand, "torch", **kw), FaissIndex(cand, "flat", **kw)]
+
+
+def scan_indexes(cand: LayerCandidates) -> list[ShortlistIndex]:
+    """The int8 scan too, where the compiled kernels build (tests/test_scan.py covers it in depth)."""
+    return [ScanIndex(cand)] if scan_available(cand) else []
 
 
 def plant(cand: LayerCandidates, q: torch.Tensor, blocks: int, block_size: int, seed: int) -> None:
@@ -209,7 +216,7 @@ def _check(state: MemoryState, q: torch.Tensor, budget: int) -> None:
         cand = _layer_candidates(state, layer)
         for scorer in SCORERS:
             want = ExactIndex(cand).select(q, scorer, budget, exact=True)
-            for index in shortlist_indexes(cand, shortlist_k=32):
+            for index in [*shortlist_indexes(cand, shortlist_k=32), *scan_indexes(cand)]:
                 assert torch.equal(index.select(q, scorer, budget, exact=True), want), (index.kind, scorer, layer)
 
 

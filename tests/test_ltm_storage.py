@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mplus_agents import MemoryConfig, MPlusLLM, quant
+from mplus_agents.engine import Candidates
 from mplus_agents.filemap import (
     MappedFileError,
     Spill,
@@ -28,7 +29,7 @@ from mplus_agents.filemap import (
     write_safetensors,
 )
 from mplus_agents.memory import LatentMemory
-from mplus_agents.retrieval import QUANT_CHUNK, head_mean_logits, token_scores
+from mplus_agents.retrieval import QUANT_CHUNK, head_mean_logits, select_tokens, token_scores
 from mplus_agents.state import TokenStore
 from mplus_agents.statefile import MemoryFileError, load_memory, save_memory
 from mplus_agents.store.store import MemoryStore
@@ -191,6 +192,24 @@ def test_int8_memory_reads_close_to_float32(make, config) -> None:
     assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
     st8, st32 = mem8.stats(), mem32.stats()
     assert st8.long_term_tokens == st32.long_term_tokens and st8.bytes < st32.bytes
+
+
+@pytest.mark.parametrize("kind", ["exact", "torch", "faiss", "scan"])
+@pytest.mark.parametrize("scorer", ["max_z", "max_logit"])
+def test_per_layer_selection_reads_int8_keys_through_their_scales(kind: str, scorer: str) -> None:
+    """Every index scores the dequantised keys (it once fed raw int8 values to the product: all-zero scores)."""
+    if kind == "faiss":
+        pytest.importorskip("faiss")
+    llm = MPlusLLM(tiny_llama(), CharTokenizer(), SMALL.replace(ltm_dtype="int8", selection="per_layer"))
+    mem = filled(llm)
+    cand = Candidates(mem.state)
+    cand.index_kind = kind
+    shapes = llm.engine.arch.shapes
+    q = torch.randn(5, shapes.heads, shapes.head_dim, generator=torch.Generator().manual_seed(1))
+    for layer in range(shapes.layers):
+        reference = cand.scores(layer, q, scorer)  # max_z_scores / token_scores with the scales
+        want = select_tokens(reference, cand.field("block", layer), cand.field("age", layer), 32, exact=True)
+        assert torch.equal(cand.select(layer, q, scorer, 32), want), (kind, layer)
 
 
 # ---------------------------------------------------------------------------------------------- mmap

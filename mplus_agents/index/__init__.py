@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from mplus_agents.index.base import LayerCandidates, LTMIndex
 from mplus_agents.index.exact import ExactIndex
+from mplus_agents.index.scan import ScanIndex, scan_available
 from mplus_agents.index.shortlist import (
     FaissIndex,
     ShortlistIndex,
@@ -26,6 +27,7 @@ __all__ = [
     "FaissIndex",
     "LTMIndex",
     "LayerCandidates",
+    "ScanIndex",
     "ShortlistIndex",
     "approximate_shared_select",
     "clear_cache",
@@ -35,9 +37,13 @@ __all__ = [
 
 
 def make_index(kind: str, cand: LayerCandidates) -> LTMIndex:
-    """The index of kind `exact`, `torch` (proven torch shortlist), `faiss`, `faiss_ivf` or `auto`."""
+    """The index of kind `exact`, `scan` (proven int8 scan), `torch` (proven torch shortlist), `faiss`,
+    `faiss_ivf` or `auto`. `scan` without the compiled kernels or on CUDA keys is `exact` (same answers)."""
     if kind == "auto":
-        kind = "torch" if len(cand.keys) and cand.keys[0].shape[0] >= AUTO_MIN_TOKENS else "exact"
+        big = len(cand.keys) and cand.keys[0].shape[0] >= AUTO_MIN_TOKENS
+        kind = ("scan" if scan_available(cand) else "torch") if big else "exact"
+    if kind == "scan":
+        return ScanIndex(cand) if scan_available(cand) else ExactIndex(cand)
     if kind == "exact":
         return ExactIndex(cand)
     if kind == "faiss":

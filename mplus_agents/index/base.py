@@ -27,6 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from mplus_agents import quant
 from mplus_agents.ops import order_oldest_first
 from mplus_agents.retrieval import head_mean_logits, max_z_scores, select_tokens, token_scores
 
@@ -51,13 +52,20 @@ class LayerCandidates:
     """One layer's candidates as parts that are never concatenated (the long-term store is big).
 
     keys: [n_i, kv_heads, head_dim] per part, in candidate order; block and age: [n] over all parts.
+    scales: per part, None for float keys or [n_i, kv_heads] for int8 keys (`mplus_agents.quant`); every score
+    is of the dequantised keys, so an index must read keys through `float_rows` / `gather_keys`.
     """
 
     keys: list[torch.Tensor]
     block: torch.Tensor
     age: torch.Tensor
+    scales: list[torch.Tensor | None] | None = None
 
     def __post_init__(self) -> None:
+        if self.scales is None:
+            self.scales = [None] * len(self.keys)
+        if len(self.scales) != len(self.keys):
+            raise ValueError(f"{len(self.keys)} key parts but {len(self.scales)} scales")
         self.offsets = [0]
         for k in self.keys:
             self.offsets.append(self.offsets[-1] + int(k.shape[0]))
@@ -65,25 +73,40 @@ class LayerCandidates:
     def __len__(self) -> int:
         return self.offsets[-1]
 
+    def scale(self, part: int) -> torch.Tensor | None:
+        assert self.scales is not None
+        return self.scales[part]
+
+    def float_rows(self, part: int, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of part `part`: the keys themselves when float, dequantised (float32) when int8."""
+        k, s = self.keys[part], self.scale(part)
+        return k[start:stop] if s is None else quant.dequantize(k[start:stop], s[start:stop])
+
     def gather_keys(self, index: torch.Tensor) -> torch.Tensor:
-        """Keys of rows `index` (order kept) without concatenating the parts."""
+        """Keys of rows `index` (order kept) without concatenating the parts; int8 rows dequantised."""
         first = self.keys[0]
-        out = torch.empty(index.numel(), *first.shape[1:], dtype=first.dtype, device=first.device)
-        for k, lo, hi in zip(self.keys, self.offsets, self.offsets[1:], strict=False):
+        assert self.scales is not None
+        dtype = torch.float32 if any(s is not None for s in self.scales) else first.dtype
+        out = torch.empty(index.numel(), *first.shape[1:], dtype=dtype, device=first.device)
+        for part, (k, lo, hi) in enumerate(zip(self.keys, self.offsets, self.offsets[1:], strict=False)):
             mask = (index >= lo) & (index < hi)
             if bool(mask.any()):
-                out[mask] = k[index[mask] - lo].to(out.dtype)
+                rows = index[mask] - lo
+                s = self.scale(part)
+                out[mask] = (k[rows] if s is None else quant.dequantize(k[rows], s[rows])).to(out.dtype)
         return out
 
 
 def exact_scores(cand: LayerCandidates, q: torch.Tensor, scorer: str) -> torch.Tensor:
-    """The reference scores over all parts (as `engine.Candidates.scores` has always computed them)."""
-    parts = [k for k in cand.keys if k.shape[0]]
-    if not parts:
+    """The reference scores over all parts (as `engine.Candidates.scores` computes them)."""
+    used = [i for i, k in enumerate(cand.keys) if k.shape[0]]
+    if not used:
         return torch.zeros(0, dtype=torch.float32)
+    parts = [cand.keys[i] for i in used]
+    scales = [cand.scale(i) for i in used]
     if scorer == "max_z":  # standardised over all candidates (on CUDA: the fused kernel when available)
-        return max_z_scores(q, parts)
-    return torch.cat([token_scores(q.to(k.device), k, scorer) for k in parts])
+        return max_z_scores(q, parts, scales)
+    return torch.cat([token_scores(q.to(k.device), k, scorer, s) for k, s in zip(parts, scales, strict=True)])
 
 
 def exact_select(cand: LayerCandidates, q: torch.Tensor, scorer: str, budget: int, *, exact: bool) -> torch.Tensor:
@@ -104,13 +127,17 @@ class KeyStats:
     """[D, D] sum of k k^T."""
 
     @classmethod
-    def of(cls, keys: torch.Tensor, chunk: int = 65536) -> KeyStats:
-        flat = keys.reshape(keys.shape[0], -1)
+    def of(cls, keys: torch.Tensor, scale: torch.Tensor | None = None, chunk: int = 65536) -> KeyStats:
+        """Statistics of `keys` [n, ...] (int8 keys with `scale` [n, kv_heads] are dequantised chunk by chunk)."""
+        flat = keys.flatten(1)
         d = flat.shape[1]
         total = torch.zeros(d, dtype=torch.float64, device=flat.device)
         gram = torch.zeros(d, d, dtype=torch.float64, device=flat.device)
         for start in range(0, flat.shape[0], chunk):  # a float64 copy of the whole store would be 2x its size
-            part = flat[start : start + chunk].to(torch.float64)
+            rows = keys[start : start + chunk]
+            if scale is not None:
+                rows = quant.dequantize(rows, scale[start : start + chunk])
+            part = rows.flatten(1).to(torch.float64)
             total += part.sum(0)
             gram += part.T @ part
         return cls(int(flat.shape[0]), total, gram)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from mplus_agents import quant
 from mplus_agents.index.base import (
     KeyStats,
     LayerCandidates,
@@ -36,6 +37,7 @@ from mplus_agents.index.base import (
     is_sorted,
     query_vectors,
 )
+from mplus_agents.retrieval import QUANT_CHUNK
 
 FAISS_HINT = "the faiss long-term index needs faiss: pip install 'mplus-agents[faiss]' (or faiss-gpu for CUDA)"
 STAT_SNAPSHOTS = 4
@@ -66,8 +68,8 @@ class Backend(Protocol):
     @property
     def ntotal(self) -> int: ...
 
-    def add(self, keys: torch.Tensor) -> None:
-        """Append rows [m, D] (after the rows already held)."""
+    def add(self, keys: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Append rows [m, ...] (after the rows already held); int8 rows come with their `scale` [m, kv_heads]."""
         ...
 
     def search(self, qv: torch.Tensor, k: int, nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,22 +78,33 @@ class Backend(Protocol):
 
 
 class TorchFlat:
-    """Reads a view of the store itself: no copy, and `add` only records how many rows are visible."""
+    """Reads a view of the store itself: no copy, and `add` only records how many rows are visible.
+
+    int8 keys (with `scale` [n, kv_heads]) are dequantised `QUANT_CHUNK` rows at a time, never all at once.
+    """
 
     approximate = False
 
-    def __init__(self, keys: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         self.keys = keys.reshape(keys.shape[0], -1)
+        self.raw, self.scale = keys, scale
 
     @property
     def ntotal(self) -> int:
         return int(self.keys.shape[0])
 
-    def add(self, keys: torch.Tensor) -> None:
+    def add(self, keys: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         raise AssertionError("TorchFlat views its store; build a new one for a longer view")
 
     def search(self, qv: torch.Tensor, k: int, nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = (qv.to(self.keys.dtype) @ self.keys.T).float()
+        if self.scale is None:
+            logits = (qv.to(self.keys.dtype) @ self.keys.T).float()
+        else:
+            n = self.ntotal
+            logits = torch.empty(qv.shape[0], n, dtype=torch.float32, device=self.keys.device)
+            for start in range(0, n, QUANT_CHUNK):
+                rows = quant.dequantize(self.raw[start : start + QUANT_CHUNK], self.scale[start : start + QUANT_CHUNK])
+                logits[:, start : start + rows.shape[0]] = qv.float() @ rows.reshape(rows.shape[0], -1).T
         vals, ids = logits.topk(min(k, logits.shape[1]), dim=1)
         return ids, vals
 
@@ -121,7 +134,9 @@ class FaissBackend:
     def ntotal(self) -> int:
         return 0 if self.index is None else int(self.index.ntotal)
 
-    def add(self, keys: torch.Tensor) -> None:
+    def add(self, keys: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        if scale is not None:
+            keys = quant.dequantize(keys, scale)
         x = keys.reshape(keys.shape[0], -1).detach().to("cpu", torch.float32).contiguous().numpy()
         if self.index is None:  # IVF: trained on the first rows it sees (a rebuild retrains)
             nlist = max(1, min(int(math.sqrt(x.shape[0])), x.shape[0] // 39))
@@ -142,9 +157,10 @@ class FaissBackend:
 
 
 class _Entry:
-    def __init__(self, root: torch.Tensor, backend: Backend | None) -> None:
+    def __init__(self, root: torch.Tensor, backend: Any) -> None:
         self.root = weakref.ref(root)
         self.backend = backend
+        """A `Backend`, a scan copy (`index.scan`), or None (`TorchFlat` is made per read)."""
         self.rows = 0
         """Rows the backend holds."""
         self.stat_rows = 0
@@ -191,6 +207,8 @@ def clear_cache() -> None:
 class ShortlistIndex:
     """Shortlist with a backend over the long-term part, rescore exactly, prove, widen or fall back."""
 
+    KINDS: tuple[str, ...] = ("torch", "faiss", "faiss_ivf")
+
     def __init__(
         self,
         cand: LayerCandidates,
@@ -202,7 +220,7 @@ class ShortlistIndex:
         nprobe: int = 16,
         sigmoid_proof: bool = False,
     ) -> None:
-        if kind not in ("torch", "faiss", "faiss_ivf"):
+        if kind not in self.KINDS:
             raise ValueError(f"unknown shortlist backend {kind!r}")
         self.cand, self.kind = cand, kind
         self.shortlist_k, self.max_k, self.nprobe = shortlist_k, max_k, nprobe
@@ -216,6 +234,7 @@ class ShortlistIndex:
         """Reads answered by the exact path because no shortlist up to `max_k` was provable."""
         big = cand.keys[0] if indexed_parts and len(cand.keys) else None
         self.big = big if big is not None and big.shape[0] else None
+        self.big_scale = cand.scale(0) if self.big is not None else None
         self.backend: Backend | None = None
         self.entry: _Entry | None = None
         if self.big is not None:
@@ -225,7 +244,7 @@ class ShortlistIndex:
         n = int(keys.shape[0])
         if self.kind == "torch":
             self.entry = _entry(keys, self.kind, lambda: None)
-            self.backend = TorchFlat(keys)
+            self.backend = TorchFlat(keys, self.big_scale)
         else:
             dim, kind = int(keys[0].numel()), self.kind
             self.entry = _entry(keys, kind, lambda: FaissBackend(dim, kind, keys.device))
@@ -237,7 +256,8 @@ class ShortlistIndex:
                     backend = self.entry.backend = FaissBackend(dim, kind, keys.device)
                     self.entry.rows = 0
                 if n > self.entry.rows:
-                    backend.add(keys[self.entry.rows : n])
+                    scale = None if self.big_scale is None else self.big_scale[self.entry.rows : n]
+                    backend.add(keys[self.entry.rows : n], scale)
                     self.entry.rows = n
             self.backend = backend
 
@@ -247,30 +267,31 @@ class ShortlistIndex:
     def _stats(self) -> KeyStats:
         parts = self.cand.keys
         stats = None
-        rest = parts
+        first = 0
         if self.big is not None and self.entry is not None:
-            stats = self._big_stats(self.entry, self.big)
-            rest = parts[1:]
-        for k in rest:
-            if k.shape[0]:
-                stats = KeyStats.of(k) if stats is None else stats + KeyStats.of(k)
+            stats = self._big_stats(self.entry, self.big, self.big_scale)
+            first = 1
+        for part in range(first, len(parts)):
+            if parts[part].shape[0]:
+                more = KeyStats.of(parts[part], self.cand.scale(part))
+                stats = more if stats is None else stats + more
         assert stats is not None
         return stats
 
     @staticmethod
-    def _big_stats(entry: _Entry, big: torch.Tensor) -> KeyStats:
+    def _big_stats(entry: _Entry, big: torch.Tensor, scale: torch.Tensor | None) -> KeyStats:
         """Statistics for max_z, grown with the rows (computed on first use: other scorers never pay for them)."""
         n = int(big.shape[0])
         with entry.lock:
             if n > entry.stat_rows:
                 last = entry.stats.get(entry.stat_rows)
-                added = KeyStats.of(big[entry.stat_rows : n])
+                added = KeyStats.of(big[entry.stat_rows : n], None if scale is None else scale[entry.stat_rows : n])
                 entry.stats[n] = added if last is None else last + added
                 entry.stat_rows = n
                 for old in sorted(entry.stats)[:-STAT_SNAPSHOTS]:
                     del entry.stats[old]
             found = entry.stats.get(n)
-        return found if found is not None else KeyStats.of(big)  # an older, shorter view: recompute
+        return found if found is not None else KeyStats.of(big, scale)  # an older, shorter view: recompute
 
     def scores(self, q: torch.Tensor, scorer: str) -> torch.Tensor:
         return exact_scores(self.cand, q, scorer)

@@ -1,4 +1,4 @@
-"""Build and load the CPU decode kernel (`cpu_decode.c`) with the system C compiler, once per machine.
+"""Build and load the CPU kernels (`cpu_decode.c`, `ltm_scan.c`) with the system C compiler, once per machine.
 
 Why compile at first use instead of shipping a wheel: the kernel is bandwidth-bound and wants the widest
 vectors the CPU has (`-march=native`), and a pure-Python package keeps the install a plain `pip install`.
@@ -26,7 +26,8 @@ from pathlib import Path
 
 from mplus_agents.default_model import cache_root
 
-SOURCE = Path(__file__).with_name("cpu_decode.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.c", "ltm_scan.c"))
+"""Compiled together into one library (one build, one cache entry, one load)."""
 FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-march=native")
 
 _lock = threading.Lock()
@@ -66,21 +67,22 @@ def library_path(cc: str) -> Path:
     """Where the build for this source, compiler, flags and CPU lives."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()):
+    parts = [src.read_bytes() for src in SOURCES] + [version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()]
+    for part in parts:
         key.update(part)
         key.update(b"\0")
     return cache_root() / "native" / f"cpu_decode-{key.hexdigest()[:16]}.so"
 
 
 def build(cc: str, target: Path) -> None:
-    """Compile SOURCE to `target` through a temporary file and a rename, so concurrent builders never see half a
+    """Compile SOURCES to `target` through a temporary file and a rename, so concurrent builders never see half a
     library. Raises RuntimeError with the compiler's message on failure."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+            [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
         )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
@@ -103,6 +105,14 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mp_scratch_floats.restype = i
     lib.mp_step.argtypes = [p, p, p, i, i, i, p, p, p, p]
     lib.mp_step.restype = None
+    lib.mp_scan_vnni.argtypes = []
+    lib.mp_scan_vnni.restype = ctypes.c_int
+    lib.mp_scan_bounds.argtypes = [p, p, i, i, i, p, p, i, p, p, p, p, ctypes.c_int]
+    lib.mp_scan_bounds.restype = None
+    lib.mp_scan_list.argtypes = [p, p, i, f, p, i, p]
+    lib.mp_scan_list.restype = i
+    lib.mp_scan_pack.argtypes = [p, i, i, i, i, f, p, p, i]
+    lib.mp_scan_pack.restype = None
     return lib
 
 
@@ -127,7 +137,7 @@ def load() -> ctypes.CDLL | None:
             _lib = _declare(ctypes.CDLL(str(path)))
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             warnings.warn(
-                f"mplus_agents: could not build the CPU decode kernel, decoding stays on torch: {exc}",
+                f"mplus_agents: could not build the CPU kernels, decoding and retrieval stay on torch: {exc}",
                 RuntimeWarning,
                 stacklevel=2,
             )
