@@ -76,7 +76,9 @@ def test_packing_matches_the_torch_reference(lib: Any, dim: int) -> None:
     for lo, hi in [(0, 100), (100, 103), (103, 600), (600, x.shape[0])]:  # partial panels repacked on every add
         keys.add(x[lo:hi])
     assert keys.rows == x.shape[0]
-    whole = torch.nn.functional.pad(x, (0, 0, 0, -x.shape[0] % 16))
+    assert keys.channel is not None
+    torch.testing.assert_close(keys.channel, ltm_scan.channel_divisor(x[:100]))
+    whole = torch.nn.functional.pad(x / keys.channel, (0, 0, 0, -x.shape[0] % 16))
     panels, aux = ltm_scan.reference_pack(whole, slack=1e-5)
     assert torch.equal(keys.panels[: panels.shape[0]], panels)
     got = keys.aux[:, : x.shape[0]]
@@ -92,7 +94,7 @@ def test_vnni_and_portable_bounds_match_the_torch_reference(lib: Any, t: int) ->
     keys.add(anisotropic(n, dim, seed=t))
     g = torch.Generator().manual_seed(100 + t)
     qv = torch.randn(t, dim, generator=g) * 0.1
-    queries = ltm_scan.pack_queries(qv, torch.randn(t, generator=g), torch.rand(t, generator=g) + 0.5, keys.dpad)
+    queries = ltm_scan.pack_queries(qv, torch.randn(t, generator=g), torch.rand(t, generator=g) + 0.5, keys)
     want_hi, want_lo = ltm_scan.reference_bounds(keys, n, queries)
     for plain in (False, True):
         got = ltm_scan.bounds(lib, keys, n, queries, plain=plain)
@@ -121,7 +123,7 @@ def test_bounds_hold_the_exact_scores(lib: Any, kind: str, scorer: str) -> None:
     assert index.scan is not None
     stats = KeyStats.of(cand.keys[0], cand.scale(0)) if scorer == "max_z" else None
     ctx = ScoreContext(cand, q, scorer, stats)
-    queries = ltm_scan.pack_queries(query_vectors(q, KV_HEADS, scorer), ctx.mean, ctx.std, index.scan.dpad)
+    queries = ltm_scan.pack_queries(query_vectors(q, KV_HEADS, scorer), ctx.mean, ctx.std, index.scan)
     b = ltm_scan.bounds(lib, index.scan, n, queries)
     assert bool((b.lo <= exact).all()) and bool((exact <= b.hi).all())
     # ...and tight enough to be of use: a small fraction of the score range.

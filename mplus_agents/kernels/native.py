@@ -111,8 +111,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mp_scan_bounds.restype = None
     lib.mp_scan_list.argtypes = [p, p, i, f, p, i, p]
     lib.mp_scan_list.restype = i
-    lib.mp_scan_pack.argtypes = [p, i, i, i, i, f, p, p, i]
+    lib.mp_scan_pack.argtypes = [p, p, i, i, i, i, f, p, p, i]
     lib.mp_scan_pack.restype = None
+    lib.mp_scan_rescore.argtypes = [p, i, i, p, i, p, p, p]
+    lib.mp_scan_rescore.restype = None
     return lib
 
 
