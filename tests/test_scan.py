@@ -15,6 +15,7 @@ import torch
 
 from mplus_agents import MemoryConfig, MPlusLLM, quant
 from mplus_agents.index import ExactIndex, LayerCandidates, ScanIndex, make_index
+from mplus_agents.index.scan import ScanContext
 from mplus_agents.index import scan as scan_module
 from mplus_agents.index.base import KeyStats, ScoreContext, query_vectors
 from mplus_agents.kernels import ltm_scan, native
@@ -128,6 +129,19 @@ def test_bounds_hold_the_exact_scores(lib: Any, kind: str, scorer: str) -> None:
     assert bool((b.lo <= exact).all()) and bool((exact <= b.hi).all())
     # ...and tight enough to be of use: a small fraction of the score range.
     assert float((b.hi - b.lo).mean()) < 0.1 * float(exact.max() - exact.min())
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("scorer", SCAN_SCORERS)
+def test_compiled_rescoring_matches_the_torch_scores(lib: Any, kind: str, scorer: str) -> None:
+    cand = random_candidates(3000, 70, 1, seed=11, kind=kind)
+    q = random_q(13, 12)
+    stats = KeyStats.of(cand.keys[0], cand.scale(0)) + KeyStats.of(cand.keys[1], cand.scale(1))
+    stats = stats if scorer == "max_z" else None
+    index = torch.randperm(len(cand), generator=torch.Generator().manual_seed(13))[:900]
+    want = ScoreContext(cand, q, scorer, stats).subset(index)
+    got = ScanContext(cand, q, scorer, stats, lib).subset(index)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_listing_matches_torch(lib: Any) -> None:
