@@ -16,8 +16,7 @@
  *
  * Layout: panel p holds tokens 16p..16p+15 as [D/4][16][4] bytes, key bytes stored as k + 128 (unsigned, what
  * VNNI's u8 x s8 product wants); the query's byte sum times 128 is subtracted back. Queries come as int32 words
- * (4 int8 each) in groups (sc_group_size), T a multiple of 4 (the caller repeats the last query, which leaves
- * a max alone).
+ * (4 int8 each) in groups (sc_group_size).
  */
 #include <math.h>
 #include <stddef.h>
@@ -42,9 +41,12 @@ int mp_scan_vnni(void) {
 #endif
 }
 
-/* Query tokens come in groups of 16, then 8, then 4 (t is a multiple of 4); group g of size G starting at
- * token r stores its words transposed, [D/4][G] at q + r * d4, so one pointer walks them all. */
-static inline long sc_group_size(long left) { return left >= 16 ? 16 : left >= 8 ? 8 : 4; }
+/* Query tokens come in groups of 16, then 8, 4, 2 and 1 (at most one of each after the 16s, so no query is
+ * padded); group g of size G starting at token r stores its words transposed, [D/4][G] at q + r * d4, so one
+ * pointer walks them all. */
+static inline long sc_group_size(long left) {
+    return left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+}
 
 #ifdef SC_VNNI
 /* acc += kv (u8) . broadcast(*word) (s8), in place. GCC 12 compiles the intrinsic with a register copy per
@@ -77,6 +79,8 @@ static inline long sc_group_size(long left) { return left >= 16 ? 16 : left >= 8
 SC_GROUP(16)
 SC_GROUP(8)
 SC_GROUP(4)
+SC_GROUP(2)
+SC_GROUP(1)
 
 static void sc_panel_vnni(const uint8_t *kp, long d4, const int32_t *q, const sc_query *qa, long t,
                           const float *sk, const float *ek, const float *nk, float *hi, float *lo, long real,
@@ -88,7 +92,9 @@ static void sc_panel_vnni(const uint8_t *kp, long d4, const int32_t *q, const sc
         switch (sc_group_size(t - r)) {
         case 16: sc_group_16(kp, d4, qg, qa + r, vs, ve, vn, &h, &l); break;
         case 8: sc_group_8(kp, d4, qg, qa + r, vs, ve, vn, &h, &l); break;
-        default: sc_group_4(kp, d4, qg, qa + r, vs, ve, vn, &h, &l); break;
+        case 4: sc_group_4(kp, d4, qg, qa + r, vs, ve, vn, &h, &l); break;
+        case 2: sc_group_2(kp, d4, qg, qa + r, vs, ve, vn, &h, &l); break;
+        default: sc_group_1(kp, d4, qg, qa + r, vs, ve, vn, &h, &l); break;
         }
     }
     _mm512_storeu_ps(hi, h);
@@ -134,7 +140,7 @@ static void sc_panel_plain(const uint8_t *kp, long d4, const int32_t *q, const s
 /* hi[j] >= exact score of token j >= lo[j] for the n tokens (ceil(n / 16) panels; hi and lo have room for
  * whole panels), and per panel the max of each over its real tokens (phi, plo), which lets the caller pick a
  * cut and skip whole panels without reading every token again.
- * kaux: [3][kstride] floats (sk, ek, nk per token); q: grouped words (above); qa: [t]; t a multiple of 4.
+ * kaux: [3][kstride] floats (sk, ek, nk per token); q: grouped words (above); qa: [t].
  * plain = 1 takes the portable path even where VNNI is compiled in (the tests compare the two). */
 void mp_scan_bounds(const uint8_t *keys, const float *kaux, long kstride, long n, long d4, const int32_t *q,
                     const sc_query *qa, long t, float *hi, float *lo, float *phi, float *plo, int plain) {

@@ -29,8 +29,7 @@ from mplus_agents import quant
 
 PANEL = 16
 """Tokens per panel (one 512-bit register of int32 sums)."""
-QUERY_GROUP = 4
-"""The kernel takes query tokens in groups of 16, 8 and 4; the caller pads with copies of the last one."""
+
 QUERY_FIELDS = 6
 """Per query: scale, 128 * sum of its int8 values, norm, error norm, standardisation mean, 1 / std."""
 
@@ -135,10 +134,10 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 def query_groups(t: int) -> list[tuple[int, int]]:
-    """(first token, size) of the kernel's query groups: 16s, then 8, then 4 (`sc_group_size` in ltm_scan.c)."""
+    """(first token, size) of the kernel's query groups: 16s, then 8, 4, 2, 1 (`sc_group_size` in ltm_scan.c)."""
     out, r = [], 0
     while r < t:
-        g = 16 if t - r >= 16 else 8 if t - r >= 8 else 4
+        g = next(size for size in (16, 8, 4, 2, 1) if t - r >= size)
         out.append((r, g))
         r += g
     return out
@@ -149,11 +148,11 @@ class Queries:
     """A prompt's query vectors as the kernel reads them."""
 
     q8: torch.Tensor
-    """[T', dpad] int8, T' = T padded to QUERY_GROUP with copies of the last query (a max ignores repeats)."""
+    """[T, dpad] int8."""
     words: torch.Tensor
     """The same values as int32 words of 4, each query group stored transposed ([D/4][G])."""
     fields: torch.Tensor
-    """[T', QUERY_FIELDS] float32."""
+    """[T, QUERY_FIELDS] float32."""
 
 
 def pack_queries(qv: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None, keys: ScanKeys) -> Queries:
@@ -161,7 +160,6 @@ def pack_queries(qv: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor 
     standardise each query's logits (max_z); None for max_logit."""
     t, d = qv.shape
     dpad = keys.dpad
-    pad = -t % QUERY_GROUP
     qf = qv.detach().float().cpu()
     if keys.channel is not None:
         qf = qf * keys.channel
@@ -174,10 +172,7 @@ def pack_queries(qv: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor 
     fields[:, 3] = _up(err)
     fields[:, 4] = 0.0 if mean is None else mean.float().cpu()
     fields[:, 5] = 1.0 if std is None else 1.0 / std.float().cpu()
-    if pad:
-        q = torch.cat([q, q[-1:].expand(pad, -1)])
-        fields = torch.cat([fields, fields[-1:].expand(pad, -1)])
-    rows = q.contiguous().view(torch.int32)  # [T', dpad / 4]
+    rows = q.contiguous().view(torch.int32)  # [T, dpad / 4]
     words = torch.cat([rows[r : r + g].T.reshape(-1) for r, g in query_groups(rows.shape[0])])
     return Queries(q.contiguous(), words.contiguous(), fields.contiguous())
 
@@ -244,7 +239,7 @@ def reference_bounds(keys: ScanKeys, rows: int, q: Queries) -> tuple[torch.Tenso
     kq = unsigned.to(torch.int64)
     qq = q.q8.to(torch.int64)
     fields = q.fields
-    dot = (qq @ kq.T - fields[:, 1:2].to(torch.int64)).float()  # [T', rows], exact integers
+    dot = (qq @ kq.T - fields[:, 1:2].to(torch.int64)).float()  # [T, rows], exact integers
     sk, ek, nk = keys.aux[0, :rows], keys.aux[1, :rows], keys.aux[2, :rows]
     logit = dot * (sk.unsqueeze(0) * fields[:, 0:1])
     err = fields[:, 2:3] * ek.unsqueeze(0) + fields[:, 3:4] * nk.unsqueeze(0)
