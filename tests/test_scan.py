@@ -8,6 +8,7 @@ and the index's selections against `ExactIndex`'s, including growing and forked 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any
 
 import pytest
@@ -195,6 +196,37 @@ def test_scan_follows_a_growing_store_and_older_views() -> None:
         want = ExactIndex(cand).select(q, "max_z", 64, exact=True)
         assert torch.equal(index.select(q, "max_z", 64, exact=True), want)
     assert index.scan is not None and index.scan.rows == n  # one copy, grown to the longest view
+
+
+def test_readers_and_a_growing_store_in_threads() -> None:
+    """Reads of shorter views stay exact while other threads grow the shared int8 copy (arrays get swapped)."""
+    full = random_candidates(6000, 0, 4, seed=21)
+    buffer = full.keys[0]
+    q = random_q(6, 22)
+
+    def view(rows: int) -> LayerCandidates:
+        return LayerCandidates([buffer[:rows], full.keys[1]], full.block[:rows], full.age[:rows])
+
+    want = {rows: ExactIndex(view(rows)).select(q, "max_z", 64, exact=True) for rows in (1500, 2000)}
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for i in range(12):
+                rows = 1500 if i % 2 else 2000
+                assert torch.equal(ScanIndex(view(rows)).select(q, "max_z", 64, exact=True), want[rows])
+        except BaseException as exc:
+            errors.append(exc)
+
+    ScanIndex(view(2000))
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for rows in range(2100, 6001, 300):  # grows (and reallocates) the copy while the readers read
+        ScanIndex(view(rows))
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
 
 
 def test_make_index_falls_back_to_exact_without_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:

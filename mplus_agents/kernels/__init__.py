@@ -12,8 +12,10 @@ triton; the kernel modules do, and only the dispatcher (on CUDA) or a caller tha
 Install with `pip install 'mplus-agents[triton]'`. On CPU the torch paths are the fast ones; the kernels run
 there only under TRITON_INTERPRET=1, which the tests use to check them against the references.
 
-The CPU has one kernel of its own: `cpu_decode.c`, a whole fp32 decode step in C (built by `native.py` with the
-system compiler on first use, driven by `cpu_decode.py`), whose reference is FastDecoder's torch step.
+The CPU has compiled kernels of its own (C, built by `native.py` with the system compiler on first use):
+`cpu_decode.c`, a whole fp32 decode step (driven by `cpu_decode.py`; reference: FastDecoder's torch step), and
+`ltm_scan.c`, score bounds for every long-term token from an int8 copy of the keys plus the exact rescoring of
+the few it cannot rule out (driven by `ltm_scan.py` and `index/scan.py`; reference: `retrieval.py`).
 """
 
 from __future__ import annotations

@@ -198,8 +198,12 @@ def bounds(lib: ctypes.CDLL, keys: ScanKeys, rows: int, q: Queries, *, plain: bo
     lo = torch.empty(panels * PANEL, dtype=torch.float32)
     phi = torch.empty(panels, dtype=torch.float32)
     plo = torch.empty(panels, dtype=torch.float32)
+    # Local references: a concurrent `add` may swap in grown arrays, and these must outlive the call.
+    panel_data, aux = keys.panels, keys.aux
+    if rows > min(keys.rows, aux.shape[1]):
+        raise ValueError(f"{rows} rows asked of a scan copy holding {keys.rows}")
     lib.mp_scan_bounds(
-        _ptr(keys.panels), _ptr(keys.aux), keys.aux.shape[1], rows, keys.dpad // 4, _ptr(q.words), _ptr(q.fields),
+        _ptr(panel_data), _ptr(aux), aux.shape[1], rows, keys.dpad // 4, _ptr(q.words), _ptr(q.fields),
         q.q8.shape[0], _ptr(hi), _ptr(lo), _ptr(phi), _ptr(plo), int(plain),
     )
     return Bounds(hi[:rows], lo[:rows], phi, plo)
