@@ -97,10 +97,11 @@ class MemoryConfig:
     ltm_index: LtmIndex = "exact"
     """How reads search the long-term store (mplus_agents.index). `exact` scores every token. `scan` bounds every
     token's score from an int8 copy of the keys in one compiled pass, rescores only the tokens that can matter
-    and proves the answer equals `exact`'s (CPU; without a C compiler it is `exact`). `torch` and `faiss`
+    and proves the answer equals `exact`'s (CPU; without a C compiler it is `exact`; at 1M tokens 19 ms per
+    layer against 336 ms, benchmarks/retrieval_bench.py). `torch` and `faiss`
     shortlist per query token, rescore exactly and prove the same. These serve `per_layer` reads with
     `max_z`/`max_logit`; other reads fall back to exact. `faiss_ivf` is approximate (nprobe 16 of sqrt(n) lists;
-    at 1M tokens 16 ms per layer, 84% of the exact selection) and also serves `shared` reads without a lexical
+    at 1M tokens 7 ms per layer, 84% of the exact selection) and also serves `shared` reads without a lexical
     part. `auto`: `scan` (or, without the compiled kernels, `torch`) from `index.AUTO_MIN_TOKENS` tokens."""
     ltm_dtype: str | None = None
     """Storage dtype of the long-term store (`bfloat16` halves RAM; `int8` stores keys and values as int8 with
