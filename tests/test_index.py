@@ -291,11 +291,13 @@ def test_faiss_backend_grows_incrementally_on_merge() -> None:
 # ------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.parametrize("ltm_dtype", [None, "int8"])
 @pytest.mark.parametrize("scorer", ["sigmoid_mean", "max_z"])
-def test_per_layer_read_with_faiss_gives_the_exact_logits(scorer: str) -> None:
+def test_per_layer_read_with_an_index_gives_the_exact_logits(scorer: str, ltm_dtype: str | None) -> None:
     base = MemoryConfig(
         pool_size=64, chunk_size=32, min_chunk=8, retrieve_tokens=24, block_size=4, selection="per_layer",
         scorer=scorer,  # type: ignore[arg-type]
+        ltm_dtype=ltm_dtype,
     )
     llm = MPlusLLM(tiny_llama(), CharTokenizer(), base)
     mem = llm.new_memory()
@@ -304,13 +306,13 @@ def test_per_layer_read_with_faiss_gives_the_exact_logits(scorer: str) -> None:
     assert mem.stats().long_term_tokens > 3 * base.retrieve_tokens
     prompt = torch.tensor(llm.encode("what was the 35th word"))
     results = {}
-    for kind in ("exact", "faiss", "torch"):
+    for kind in ("exact", "faiss", "torch", "scan"):
         cfg = base.replace(ltm_index=kind)
         state = dataclasses.replace(mem.state, config=cfg)
         with torch.no_grad():
             logits, _, _, info = llm.engine.read(state, llm.sink(cfg), prompt, torch.arange(prompt.numel()))
         results[kind] = (logits, info.retrieved_blocks)
-    for kind in ("faiss", "torch"):
+    for kind in ("faiss", "torch", "scan"):
         assert results[kind][1] == results["exact"][1]
         torch.testing.assert_close(results[kind][0], results["exact"][0], rtol=0, atol=0)
 

@@ -7,20 +7,18 @@ and the index's selections against `ExactIndex`'s, including growing and forked 
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Any
 
 import pytest
 import torch
 
-from mplus_agents import MemoryConfig, MPlusLLM, quant
+from mplus_agents import quant
 from mplus_agents.index import ExactIndex, LayerCandidates, ScanIndex, make_index
 from mplus_agents.index import scan as scan_module
 from mplus_agents.index.base import KeyStats, ScoreContext, query_vectors
 from mplus_agents.index.scan import ScanContext
 from mplus_agents.kernels import ltm_scan, native
-from tests.conftest import CharTokenizer, tiny_llama
 
 pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
 
@@ -234,26 +232,3 @@ def test_make_index_falls_back_to_exact_without_the_kernels(monkeypatch: pytest.
     assert isinstance(make_index("scan", cand), ScanIndex)
     monkeypatch.setattr(scan_module.native, "load", lambda: None)
     assert isinstance(make_index("scan", cand), ExactIndex)
-
-
-@pytest.mark.parametrize("ltm_dtype", [None, "int8"])
-def test_per_layer_read_with_scan_gives_the_exact_logits(ltm_dtype: str | None) -> None:
-    base = MemoryConfig(
-        pool_size=64, chunk_size=32, min_chunk=8, retrieve_tokens=24, block_size=4, selection="per_layer",
-        ltm_dtype=ltm_dtype,
-    )
-    llm = MPlusLLM(tiny_llama(), CharTokenizer(), base)
-    mem = llm.new_memory()
-    for i in range(12):
-        mem.inject(f"turn {i}: the {i * 7}th word is {'abcdefghij'[i % 10] * 3} and some more filler")
-    assert mem.stats().long_term_tokens > 3 * base.retrieve_tokens
-    prompt = torch.tensor(llm.encode("what was the 35th word"))
-    results = {}
-    for kind in ("exact", "scan"):
-        cfg = base.replace(ltm_index=kind)
-        state = dataclasses.replace(mem.state, config=cfg)
-        with torch.no_grad():
-            logits, _, _, info = llm.engine.read(state, llm.sink(cfg), prompt, torch.arange(prompt.numel()))
-        results[kind] = (logits, info.retrieved_blocks)
-    assert results["scan"][1] == results["exact"][1]
-    torch.testing.assert_close(results["scan"][0], results["exact"][0], rtol=0, atol=0)
