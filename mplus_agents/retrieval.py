@@ -81,17 +81,27 @@ def head_mean_logits(q: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | N
     that the selection then breaks by accident of summation order.)
     """
     t, heads, head_dim = q.shape
-    n, kv_heads, _ = k.shape
+    kv_heads = k.shape[1]
     groups = heads // kv_heads
     q_bar = q.reshape(t, kv_heads, groups, head_dim).mean(dim=2).reshape(t, kv_heads * head_dim)
     q_bar = q_bar * (1.0 / (math.sqrt(head_dim) * kv_heads))
+    return flat_logits(q_bar, k, k_scale)
+
+
+def flat_logits(qv: torch.Tensor, k: torch.Tensor, k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, n] float32 qv . k_flat for query vectors qv [T, D] and keys k [n, ...] (D values per row).
+
+    Float keys: one GEMM in place. int8 keys (with `k_scale`) and half-precision keys: `QUANT_CHUNK` rows at a
+    time, dequantised or widened, products in float32.
+    """
+    n = k.shape[0]
     if k_scale is None and k.dtype in (torch.float32, torch.float64):
-        return (q_bar.to(k.dtype) @ k.reshape(n, kv_heads * head_dim).T).float()
-    q_bar = q_bar.float()
-    out = torch.empty(t, n, dtype=torch.float32, device=k.device)
+        return (qv.to(k.dtype) @ k.flatten(1).T).float()
+    qf = qv.float()
+    out = torch.empty(qv.shape[0], n, dtype=torch.float32, device=k.device)
     for start in range(0, n, QUANT_CHUNK):
         kc = _chunk(k, k_scale, start, start + QUANT_CHUNK, torch.float32)
-        out[:, start : start + kc.shape[0]] = q_bar @ kc.reshape(kc.shape[0], kv_heads * head_dim).T
+        out[:, start : start + kc.shape[0]] = qf @ kc.flatten(1).T
     return out
 
 

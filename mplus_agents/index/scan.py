@@ -53,7 +53,8 @@ class ScanContext(ScoreContext):
     def __init__(self, cand: LayerCandidates, q: torch.Tensor, scorer: str, stats: Any, lib: Any) -> None:
         super().__init__(cand, q, scorer, stats)
         self.lib = lib
-        self.qv = query_vectors(q, int(cand.keys[0].shape[1]), scorer)
+        if scorer != "max_z":  # max_z's context has them already
+            self.qv = query_vectors(q, int(cand.keys[0].shape[1]), scorer)
         t = self.qv.shape[0]
         self.shift = self.mean if self.mean is not None else torch.zeros(t)
         self.scale = self.std if self.std is not None else torch.ones(t)

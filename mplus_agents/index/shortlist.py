@@ -37,7 +37,7 @@ from mplus_agents.index.base import (
     is_sorted,
     query_vectors,
 )
-from mplus_agents.retrieval import QUANT_CHUNK
+from mplus_agents.retrieval import flat_logits
 
 FAISS_HINT = "the faiss long-term index needs faiss: pip install 'mplus-agents[faiss]' (or faiss-gpu for CUDA)"
 STAT_SNAPSHOTS = 4
@@ -80,14 +80,14 @@ class Backend(Protocol):
 class TorchFlat:
     """Reads a view of the store itself: no copy, and `add` only records how many rows are visible.
 
-    int8 keys (with `scale` [n, kv_heads]) are dequantised `QUANT_CHUNK` rows at a time, never all at once.
+    int8 keys (with `scale` [n, kv_heads]) are dequantised, and half-precision keys widened, a chunk at a time
+    (`retrieval.flat_logits`), so the shortlist's values are the exact path's products.
     """
 
     approximate = False
 
     def __init__(self, keys: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        self.keys = keys.reshape(keys.shape[0], -1)
-        self.raw, self.scale = keys, scale
+        self.keys, self.scale = keys, scale
 
     @property
     def ntotal(self) -> int:
@@ -97,14 +97,7 @@ class TorchFlat:
         raise AssertionError("TorchFlat views its store; build a new one for a longer view")
 
     def search(self, qv: torch.Tensor, k: int, nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.scale is None:
-            logits = (qv.to(self.keys.dtype) @ self.keys.T).float()
-        else:
-            n = self.ntotal
-            logits = torch.empty(qv.shape[0], n, dtype=torch.float32, device=self.keys.device)
-            for start in range(0, n, QUANT_CHUNK):
-                rows = quant.dequantize(self.raw[start : start + QUANT_CHUNK], self.scale[start : start + QUANT_CHUNK])
-                logits[:, start : start + rows.shape[0]] = qv.float() @ rows.reshape(rows.shape[0], -1).T
+        logits = flat_logits(qv, self.keys, self.scale)
         vals, ids = logits.topk(min(k, logits.shape[1]), dim=1)
         return ids, vals
 
