@@ -68,10 +68,6 @@ class ScanKeys:
         self.channel: torch.Tensor | None = None
         """[dim] float32 divisor of each key channel (set from the first rows added; fixed after that)."""
 
-    @property
-    def nbytes(self) -> int:
-        return self.panels.numel() + 4 * self.aux.numel()
-
     def add(self, keys: torch.Tensor) -> None:
         """Append float rows [m, ...] (the keys exactly as the exact path scores them)."""
         if keys.shape[0] == 0:
@@ -116,9 +112,9 @@ def reference_pack(x: torch.Tensor, slack: float) -> tuple[torch.Tensor, torch.T
 
     The kernel's test reference: same bytes, fields equal up to float rounding.
     """
-    q, scale = quant.quantize(x)
+    q, scale, err = quantize_rows(x)
     deq = q.double() * scale.double().unsqueeze(1)
-    err = (x.double() - deq).norm(dim=1) + slack * x.double().norm(dim=1)
+    err = err + slack * x.double().norm(dim=1)
     dpad = -(-x.shape[1] // 4) * 4
     q = torch.nn.functional.pad(q, (0, dpad - x.shape[1]))
     m = x.shape[0]
