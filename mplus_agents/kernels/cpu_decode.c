@@ -47,10 +47,77 @@ typedef struct {
 
 static inline long mp_pad(long n, long m) { return (n + m - 1) / m * m; }
 
+typedef float v8f __attribute__((vector_size(32)));
+typedef int vi __attribute__((vector_size(64)));
+
+/* Lane sum as a tree of halvings: four shuffle-adds instead of fifteen dependent scalar adds. */
 static inline float mp_hsum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < MP_V; i++) s += v[i];
-    return s;
+    const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    float s[8];
+    memcpy(s, &a, sizeof s);
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+/* out[r] = lane sum of acc[r], r < 8: each halving level adds pairs of vectors after interleaving their
+ * halves, so eight rows cost 15 shuffles and 7 adds rather than 8 serial scalar chains (which took ~5% of a
+ * bandwidth-bound panel product at 60 GB/s). */
+static inline __attribute__((always_inline)) void mp_reduce8(const vf acc[8], float out[8]) {
+    vf x[4], y[2];
+    for (int i = 0; i < 4; i++) { /* lanes 0-7: acc[2i], 8-15: acc[2i+1] */
+        const vf a = acc[2 * i], b = acc[2 * i + 1];
+        x[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    }
+    for (int i = 0; i < 2; i++) { /* lanes 4r..4r+3: acc[4i+r] */
+        const vf a = x[2 * i], b = x[2 * i + 1];
+        y[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    }
+    /* lanes 2r, 2r+1: acc[r] */
+    const vf z = __builtin_shufflevector(y[0], y[1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+                 __builtin_shufflevector(y[0], y[1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    const v8f w = __builtin_shufflevector(z, z, 0, 2, 4, 6, 8, 10, 12, 14) +
+                  __builtin_shufflevector(z, z, 1, 3, 5, 7, 9, 11, 13, 15);
+    memcpy(out, &w, sizeof w);
+}
+
+/* mask ? a : b per lane (mask lanes are all ones or all zeros, as vector comparisons give). */
+static inline vf mp_select(vi mask, vf a, vf b) {
+    vi ai, bi;
+    memcpy(&ai, &a, sizeof a);
+    memcpy(&bi, &b, sizeof b);
+    const vi r = (ai & mask) | (bi & ~mask);
+    vf out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+/* e^x per lane within 2 ulp: x = n ln2 + r (|r| <= ln2/2, ln2 split in two so n ln2 is exact), a degree-7
+ * Taylor polynomial for e^r, and 2^n put into the exponent bits. Below -87.33 the result is 0 (expf gives
+ * subnormals there) and above 88 it is +inf (expf overflows at 88.72); softmax only takes x <= 0 and SiLU's
+ * e^-g only matters near 0. Vectorised because softmax and SiLU take ~160k exponentials per step of the
+ * embedded model, which libm's scalar expf made a few percent of the step. */
+static inline vf mp_exp(vf x) {
+    const vf lo = (vf){0} - 87.33f, hi = (vf){0} + 88.0f;
+    const vi under = x < lo, over = x > hi;
+    x = mp_select(under, lo, mp_select(over, hi, x));
+    const vf big = (vf){0} + 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
+    const vf n = (x * 1.44269504088896341f + big) - big;
+    const vf r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    vf p = (vf){0} + (1.0f / 5040.0f);
+    p = p * r + (1.0f / 720.0f);
+    p = p * r + (1.0f / 120.0f);
+    p = p * r + (1.0f / 24.0f);
+    p = p * r + (1.0f / 6.0f);
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    const vf inf = (vf){0} + __builtin_inff();
+    return mp_select(under, (vf){0}, mp_select(over, inf, p * two_n));
 }
 
 /* a . b in 16-lane partial sums (the compiler may not reorder a scalar float sum into vectors itself). */
@@ -84,9 +151,11 @@ static inline __attribute__((always_inline)) void mp_panel_rows(const void *pane
         const vf xv = *(const vf *)(x + c * MP_V);
         for (int r = 0; r < MP_R; r++) acc[r] += mp_slice(panel, first + c * MP_R + r, bf16) * xv;
     }
+    float sum[MP_R];
+    mp_reduce8(acc, sum);
     for (int r = 0; r < MP_R; r++) {
         const long row = b * MP_R + r;
-        y[row] = mp_hsum(acc[r]) + (bias != NULL && row < n ? bias[row] : 0.0f);
+        y[row] = sum[r] + (bias != NULL && row < n ? bias[row] : 0.0f);
     }
 }
 
@@ -126,31 +195,109 @@ static void mp_rope(float *x, const float *cos, const float *sin, long hd, float
     memcpy(x, tmp, (size_t)hd * sizeof(float));
 }
 
+#define MP_CHUNK 64 /* positions per attention work item */
+
+/* Floats of work space mp_attend needs for a cache of `cap` positions: scores, and each chunk's partial
+ * softmax (max, sum, weighted values) per head. */
+long mp_attend_floats(long heads, long head_dim, long cap) {
+    return heads * cap + heads * (head_dim + 2) * ((cap + MP_CHUNK - 1) / MP_CHUNK);
+}
+
+/* Slice c of a row of `n` floats as a vector, zero past n: a plain load except for a ragged last slice, read
+ * through a copy so nothing past the row (or the cache) is touched. */
+static inline vf mp_row_slice(const float *row, long c, long n) {
+    if ((c + 1) * MP_V <= n) return *(const vf *)(row + c * MP_V);
+    vf out = {0};
+    memcpy(&out, row + c * MP_V, (size_t)(n - c * MP_V) * sizeof(float));
+    return out;
+}
+
+/* s[j] = scale q . k_j for `count` key rows of `head_dim` floats, eight rows at a time with their products in
+ * registers (rows past `count` repeat the last one and are dropped). `q` is zero-padded to whole slices. */
+static void mp_scores(const float *q, const float *k, long head_dim, long count, float scale, float *s) {
+    const long slices = mp_pad(head_dim, MP_V) / MP_V;
+    for (long j0 = 0; j0 < count; j0 += MP_R) {
+        const float *row[MP_R];
+        vf acc[MP_R];
+        for (int r = 0; r < MP_R; r++) {
+            row[r] = k + (j0 + r < count ? j0 + r : count - 1) * head_dim;
+            acc[r] = (vf){0};
+        }
+        for (long c = 0; c < slices; c++) {
+            const vf qv = *(const vf *)(q + c * MP_V);
+            for (int r = 0; r < MP_R; r++) acc[r] += mp_row_slice(row[r], c, head_dim) * qv;
+        }
+        float sum[MP_R];
+        mp_reduce8(acc, sum);
+        for (int r = 0; r < MP_R && j0 + r < count; r++) s[j0 + r] = sum[r] * scale;
+    }
+}
+
+/* o[0:head_dim] = sum_j p[j] v_j over `count` value rows, slice by slice with four rows in flight. */
+static void mp_weighted_rows(const float *p, const float *v, long head_dim, long count, float *o) {
+    for (long c = 0; c < mp_pad(head_dim, MP_V) / MP_V; c++) {
+        vf acc[4] = {{0}, {0}, {0}, {0}};
+        long j = 0;
+        for (; j + 4 <= count; j += 4)
+            for (int u = 0; u < 4; u++) acc[u] += p[j + u] * mp_row_slice(v + (j + u) * head_dim, c, head_dim);
+        for (; j < count; j++) acc[0] += p[j] * mp_row_slice(v + j * head_dim, c, head_dim);
+        const vf total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        const long n = head_dim - c * MP_V < MP_V ? head_dim - c * MP_V : MP_V;
+        memcpy(o + c * MP_V, &total, (size_t)n * sizeof(float));
+    }
+}
+
 /* out[h] = softmax(scale q_h . K[g][0:len]) . V[g][0:len] for each query head h (g = h / groups).
- * k, v: [KV][cap][hd] of one layer; scores: [heads][len] scratch. */
-void mp_attend(const float *q, const float *k, const float *v, float *out, float *scores, long heads,
+ * k, v: [KV][cap][hd] of one layer; work: mp_attend_floats(heads, hd, cap) floats.
+ *
+ * Split into chunks of positions (flash-decoding), each chunk and KV head one work item that keeps a partial
+ * softmax per query head, merged at the end: the work divides evenly over threads whatever the head count
+ * (nine query heads on two threads left one thread idle a ninth of the time), and each key and value row is
+ * read once per KV head, not once per query head. */
+void mp_attend(const float *q, const float *k, const float *v, float *out, float *work, long heads,
                long kv_heads, long head_dim, long cap, long len, float scale) {
-    const long groups = heads / kv_heads;
-#pragma omp parallel for schedule(static)
-    for (long h = 0; h < heads; h++) {
-        const float *qh = q + h * head_dim;
-        const float *kh = k + (h / groups) * cap * head_dim;
-        const float *vh = v + (h / groups) * cap * head_dim;
-        float *s = scores + h * len, *oh = out + h * head_dim;
-        float mx = -INFINITY;
-        for (long j = 0; j < len; j++) {
-            s[j] = mp_dot(qh, kh + j * head_dim, head_dim) * scale;
-            if (s[j] > mx) mx = s[j];
+    const long groups = heads / kv_heads, chunks = (len + MP_CHUNK - 1) / MP_CHUNK, stride = head_dim + 2;
+    const long qslices = mp_pad(head_dim, MP_V) / MP_V;
+    float *scores = work, *part = work + heads * cap; /* part: [chunks][heads][m, l, o[hd]] */
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (long item = 0; item < chunks * kv_heads; item++) {
+            const long g = item / chunks, c = item % chunks, j0 = c * MP_CHUNK;
+            const long count = len - j0 < MP_CHUNK ? len - j0 : MP_CHUNK;
+            const float *kg = k + (g * cap + j0) * head_dim, *vg = v + (g * cap + j0) * head_dim;
+            for (long h = g * groups; h < (g + 1) * groups; h++) {
+                float qpad[qslices * MP_V];
+                memset(qpad, 0, sizeof qpad);
+                memcpy(qpad, q + h * head_dim, (size_t)head_dim * sizeof(float));
+                float *s = scores + h * cap + j0, *ph = part + (c * heads + h) * stride, *o = ph + 2;
+                mp_scores(qpad, kg, head_dim, count, scale, s);
+                float mx = -INFINITY;
+                for (long j = 0; j < count; j++) mx = s[j] > mx ? s[j] : mx;
+                float total = 0.0f;
+                long j = 0;
+                for (; j + MP_V <= count; j += MP_V) {
+                    const vf e = mp_exp(*(const vf *)(s + j) - mx);
+                    memcpy(s + j, &e, sizeof e);
+                    total += mp_hsum(e);
+                }
+                for (; j < count; j++) total += (s[j] = expf(s[j] - mx));
+                mp_weighted_rows(s, vg, head_dim, count, o);
+                ph[0] = mx;
+                ph[1] = total;
+            }
         }
-        float total = 0.0f;
-        for (long j = 0; j < len; j++) {
-            s[j] = expf(s[j] - mx);
-            total += s[j];
-        }
-        for (long d = 0; d < head_dim; d++) oh[d] = 0.0f;
-        for (long j = 0; j < len; j++) {
-            const float p = s[j] / total, *vj = vh + j * head_dim;
-            for (long d = 0; d < head_dim; d++) oh[d] += p * vj[d];
+#pragma omp for schedule(static)
+        for (long h = 0; h < heads; h++) {
+            float mx = -INFINITY, total = 0.0f, *oh = out + h * head_dim;
+            for (long c = 0; c < chunks; c++) mx = part[(c * heads + h) * stride] > mx ? part[(c * heads + h) * stride] : mx;
+            for (long d = 0; d < head_dim; d++) oh[d] = 0.0f;
+            for (long c = 0; c < chunks; c++) {
+                const float *ph = part + (c * heads + h) * stride, w = expf(ph[0] - mx);
+                total += w * ph[1];
+                for (long d = 0; d < head_dim; d++) oh[d] += w * ph[2 + d];
+            }
+            for (long d = 0; d < head_dim; d++) oh[d] /= total;
         }
     }
 }
@@ -160,7 +307,7 @@ long mp_scratch_floats(const mp_model *m, long cap) {
     const long hd = m->head_dim;
     return 2 * mp_pad(m->hidden, MP_V) + mp_pad((m->heads + 2 * m->kv_heads) * hd, MP_R) +
            mp_pad(m->heads * hd, MP_V) + mp_pad(2 * m->inter, MP_R) + mp_pad(m->inter, MP_V) +
-           mp_pad(m->hidden, MP_R) + hd + m->heads * cap;
+           mp_pad(m->hidden, MP_R) + hd + mp_attend_floats(m->heads, hd, cap);
 }
 
 /* Feed `token` at rotary row (cos, sin) after `len` cached positions; writes post-RoPE k and v at index
@@ -178,7 +325,7 @@ void mp_step(const mp_model *m, float *cache_k, float *cache_v, long cap, long l
     float *act = gu + mp_pad(2 * F, MP_R);
     float *out = act + mp_pad(F, MP_V);
     float *tmp = out + mp_pad(D, MP_R);
-    float *scores = tmp + hd;
+    float *work = tmp + hd;
     const long layer_stride = KV * cap * hd;
 
     memcpy(h, m->embed + token * D, (size_t)D * sizeof(float));
@@ -196,15 +343,17 @@ void mp_step(const mp_model *m, float *cache_k, float *cache_v, long cap, long l
             memcpy(kc + (g * cap + len) * hd, qkv + (H + g) * hd, (size_t)hd * sizeof(float));
             memcpy(vc + (g * cap + len) * hd, qkv + (H + KV + g) * hd, (size_t)hd * sizeof(float));
         }
-        mp_attend(qkv, kc, vc, att, scores, H, KV, hd, cap, len + 1, m->scale);
+        mp_attend(qkv, kc, vc, att, work, H, KV, hd, cap, len + 1, m->scale);
         mp_product(m, ly->o, att, NULL, out, D, H * hd);
         for (long i = 0; i < D; i++) h[i] += out[i];
         mp_rms(h, ly->ln2, xn, D, m->eps);
         mp_product(m, ly->gate_up, xn, NULL, gu, 2 * F, D);
-        for (long i = 0; i < F; i++) {
-            const float g = gu[i];
-            act[i] = g / (1.0f + expf(-g)) * gu[F + i];
+        long i = 0;
+        for (; i + MP_V <= F; i += MP_V) {
+            const vf g = *(const vf *)(gu + i), a = g / (mp_exp((vf){0} - g) + 1.0f) * *(const vf *)(gu + F + i);
+            memcpy(act + i, &a, sizeof a);
         }
+        for (; i < F; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[F + i];
         mp_product(m, ly->down, act, NULL, out, D, F);
         for (long i = 0; i < D; i++) h[i] += out[i];
     }

@@ -234,10 +234,10 @@ def attend(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     heads, hd = q.shape
     kv, cap, _ = k.shape
     out = torch.empty(heads, hd)
-    scores = torch.empty(heads, length)
+    work = torch.empty(int(lib.mp_attend_floats(heads, hd, cap)))
     q, k, v = q.float().contiguous(), k.float().contiguous(), v.float().contiguous()
     lib.mp_attend(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), scores.data_ptr(), heads, kv, hd, cap, length,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), work.data_ptr(), heads, kv, hd, cap, length,
         hd**-0.5,
     )
     return out
