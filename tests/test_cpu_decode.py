@@ -80,6 +80,16 @@ def test_rms_matches_torch(lib, n: int) -> None:
     assert rel_err(cpu_decode.rms(lib, x, w, 1e-5), ref) < 1e-6
 
 
+def test_vector_exp_matches_torch(lib) -> None:
+    """Within 2 ulp of torch.exp where expf is normal, 0 where it is subnormal, inf where it overflows."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.rand(20_000, generator=gen) * 174 - 87, torch.randn(4_000, generator=gen), torch.zeros(3)])
+    got, ref = cpu_decode.exp(lib, x), torch.exp(x)
+    assert ((got - ref).abs() <= 2 * torch.finfo(torch.float32).eps * ref).all()
+    edges = torch.tensor([-1e30, -200.0, -87.5, 88.9, 1e30, float("-inf"), float("inf")] + [0.0] * 9)
+    assert cpu_decode.exp(lib, edges)[:7].tolist() == [0.0, 0.0, 0.0, float("inf"), float("inf"), 0.0, float("inf")]
+
+
 @pytest.mark.parametrize(
     "heads,kv,hd,cap,length", [(9, 3, 64, 500, 440), (6, 2, 8, 40, 1), (4, 4, 16, 33, 33), (8, 1, 24, 70, 65)]
 )

@@ -120,6 +120,16 @@ static inline vf mp_exp(vf x) {
     return mp_select(under, (vf){0}, mp_select(over, inf, p * two_n));
 }
 
+/* y = mp_exp(x) elementwise (scalar expf for a ragged tail): the test hook that pins mp_exp to torch.exp. */
+void mp_exp_floats(const float *x, float *y, long n) {
+    long i = 0;
+    for (; i + MP_V <= n; i += MP_V) {
+        const vf e = mp_exp(*(const vf *)(x + i));
+        memcpy(y + i, &e, sizeof e);
+    }
+    for (; i < n; i++) y[i] = expf(x[i]);
+}
+
 /* a . b in 16-lane partial sums (the compiler may not reorder a scalar float sum into vectors itself). */
 static inline float mp_dot(const float *a, const float *b, long n) {
     vf acc = {0};

@@ -229,6 +229,14 @@ def rms(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch
     return out
 
 
+def exp(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's vectorised exponential (softmax and SiLU use it) of a flat fp32 tensor."""
+    x = x.float().contiguous()
+    out = torch.empty_like(x)
+    lib.mp_exp_floats(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
 def attend(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
     """The kernel's attention of one token's queries q [H, hd] over k, v [KV, capacity, hd] (first `length`)."""
     heads, hd = q.shape

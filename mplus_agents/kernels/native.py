@@ -101,6 +101,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mp_rms.restype = None
     lib.mp_attend.argtypes = [p, p, p, p, p, i, i, i, i, i, f]
     lib.mp_attend.restype = None
+    lib.mp_exp_floats.argtypes = [p, p, i]
+    lib.mp_exp_floats.restype = None
     lib.mp_attend_floats.argtypes = [i, i, i]
     lib.mp_attend_floats.restype = i
     lib.mp_scratch_floats.argtypes = [p, i]
