@@ -30,7 +30,7 @@ from torch import nn
 
 from mplus_agents.hf.arch import Arch
 from mplus_agents.kernels import native as native_kernels
-from mplus_agents.kernels.cpu_decode import NativeStep
+from mplus_agents.kernels.cpu_decode import NativeStep, huge_page_zeros
 
 Proj = list[tuple[torch.Tensor, torch.Tensor | None]]
 """One projection as (W^T [d_in, d_out], bias) parts whose outputs are concatenated: one part when packed."""
@@ -91,6 +91,8 @@ class StaticCache:
     def empty(cls, fast: FastDecoder, capacity: int) -> StaticCache:
         s = fast.arch.shapes
         shape = (s.layers, s.kv_heads, capacity, s.head_dim)
+        if fast.device.type == "cpu":  # the compiled step streams it: 2 MB pages where the kernel allows
+            return cls(huge_page_zeros(shape, fast.dtype), huge_page_zeros(shape, fast.dtype), 0)
         k = torch.zeros(shape, dtype=fast.dtype, device=fast.device)
         return cls(k, torch.zeros_like(k), 0)
 

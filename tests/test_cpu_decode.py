@@ -9,6 +9,7 @@ failing compiler falls back to torch with a warning, and MPLUS_NATIVE=0 switches
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -91,7 +92,10 @@ def test_vector_exp_matches_torch(lib) -> None:
 
 
 @pytest.mark.parametrize(
-    "heads,kv,hd,cap,length", [(9, 3, 64, 500, 440), (6, 2, 8, 40, 1), (4, 4, 16, 33, 33), (8, 1, 24, 70, 65)]
+    "heads,kv,hd,cap,length",
+    # groups of 3, 1, 8 and 5 query heads (4 share a pass over K/V); head sizes with ragged or extra slices
+    [(9, 3, 64, 500, 440), (6, 2, 8, 40, 1), (4, 4, 16, 33, 33), (8, 1, 24, 70, 65), (10, 2, 80, 300, 257),
+     (4, 2, 128, 200, 129)],
 )
 def test_attend_matches_sdpa(lib, heads: int, kv: int, hd: int, cap: int, length: int) -> None:
     gen = torch.Generator().manual_seed(heads * cap + length)
@@ -202,3 +206,15 @@ def test_switched_off_by_environment(monkeypatch) -> None:
         warnings.simplefilter("error")
         assert native.load() is None
     assert FastDecoder(Engine(tiny_llama(seed=1)).arch).native is None
+
+
+def test_huge_page_zeros_is_zeroed_writable_and_kept_alive() -> None:
+    """The CPU StaticCache's storage: its own (huge-page) mapping, which the tensor keeps alive."""
+    k = cpu_decode.huge_page_zeros((3, 2, 5, 4), torch.float32)
+    gc.collect()
+    assert k.shape == (3, 2, 5, 4) and k.dtype == torch.float32 and k.is_contiguous()
+    assert torch.count_nonzero(k) == 0
+    k[1, 1, 4] = torch.arange(4.0)
+    assert k.sum().item() == 6.0
+    assert cpu_decode.huge_page_zeros((2, 8), torch.bfloat16).dtype == torch.bfloat16
+

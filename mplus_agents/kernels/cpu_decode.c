@@ -15,6 +15,7 @@
  * torch is loaded first (same libgomp soname), so torch.set_num_threads governs both.
  */
 #include <math.h>
+#include <omp.h>
 #include <stddef.h>
 #include <string.h>
 
@@ -183,12 +184,24 @@ void mp_gemv_bf16(const unsigned short *panel, const float *x, const float *bias
     for (long b = 0; b < mp_pad(n, MP_R) / MP_R; b++) mp_panel_rows(panel, 1, x, bias, y, n, slices, b);
 }
 
-static void mp_product(const mp_model *m, const void *panel, const float *x, const float *bias, float *y, long n,
-                       long k) {
+/* Blocks [lo, hi) of n for thread t of T: equal shares, the first n % T threads one more (as OpenMP's static
+ * schedule splits a loop, so the standalone products and the step split alike). */
+static inline void mp_range(long n, int t, int T, long *lo, long *hi) {
+    const long q = n / T, r = n % T;
+    *lo = t * q + (t < r ? t : r);
+    *hi = *lo + q + (t < r ? 1 : 0);
+}
+
+/* Thread t's share of y = panel . x (+ bias), inside a parallel region. */
+static void mp_product_part(const mp_model *m, const void *panel, const float *x, const float *bias, float *y,
+                            long n, long k, int t, int T) {
+    const long slices = mp_pad(k, MP_V) / MP_V;
+    long lo, hi;
+    mp_range(mp_pad(n, MP_R) / MP_R, t, T, &lo, &hi);
     if (m->wtype == 1)
-        mp_gemv_bf16((const unsigned short *)panel, x, bias, y, n, k);
+        for (long b = lo; b < hi; b++) mp_panel_rows(panel, 1, x, bias, y, n, slices, b);
     else
-        mp_gemv((const float *)panel, x, bias, y, n, k);
+        for (long b = lo; b < hi; b++) mp_panel_rows(panel, 0, x, bias, y, n, slices, b);
 }
 
 /* out = w * x / sqrt(mean(x^2) + eps), LlamaRMSNorm in fp32. */
@@ -213,47 +226,121 @@ long mp_attend_floats(long heads, long head_dim, long cap) {
     return heads * cap + heads * (head_dim + 2) * ((cap + MP_CHUNK - 1) / MP_CHUNK);
 }
 
-/* Slice c of a row of `n` floats as a vector, zero past n: a plain load except for a ragged last slice, read
- * through a copy so nothing past the row (or the cache) is touched. */
+#define MP_GH 4 /* query heads of a KV group served by one pass over a chunk's keys and values */
+
+/* Slice c of a row of `n` floats as a vector, zero past n: a plain load except for a ragged last slice (read
+ * through a copy, so nothing past the row or the cache is touched) or a slice wholly past the row. */
 static inline vf mp_row_slice(const float *row, long c, long n) {
     if ((c + 1) * MP_V <= n) return *(const vf *)(row + c * MP_V);
     vf out = {0};
-    memcpy(&out, row + c * MP_V, (size_t)(n - c * MP_V) * sizeof(float));
+    if (c * MP_V < n) memcpy(&out, row + c * MP_V, (size_t)(n - c * MP_V) * sizeof(float));
     return out;
 }
 
-/* s[j] = scale q . k_j for `count` key rows of `head_dim` floats, eight rows at a time with their products in
- * registers (rows past `count` repeat the last one and are dropped). `q` is zero-padded to whole slices. */
-static void mp_scores(const float *q, const float *k, long head_dim, long count, float scale, float *s) {
+/* s[h][j] = scale q_h . k_j for MP_GH query heads (q: [MP_GH][slices * 16], zero-padded) and `count` key rows,
+ * four rows at a time: each key slice is loaded once and used by every head, with the 16 products in
+ * registers. Rows past `count` repeat the last one and are dropped; s[h] may alias s[h'] for padding heads. */
+static void mp_scores(const float *q, const float *k, long head_dim, long count, float scale, float *const *s) {
     const long slices = mp_pad(head_dim, MP_V) / MP_V;
-    for (long j0 = 0; j0 < count; j0 += MP_R) {
-        const float *row[MP_R];
-        vf acc[MP_R];
-        for (int r = 0; r < MP_R; r++) {
-            row[r] = k + (j0 + r < count ? j0 + r : count - 1) * head_dim;
-            acc[r] = (vf){0};
-        }
+    for (long j0 = 0; j0 < count; j0 += 4) {
+        const float *row[4];
+        vf acc[MP_GH * 4];
+        for (int r = 0; r < 4; r++) row[r] = k + (j0 + r < count ? j0 + r : count - 1) * head_dim;
+        for (int i = 0; i < MP_GH * 4; i++) acc[i] = (vf){0};
         for (long c = 0; c < slices; c++) {
-            const vf qv = *(const vf *)(q + c * MP_V);
-            for (int r = 0; r < MP_R; r++) acc[r] += mp_row_slice(row[r], c, head_dim) * qv;
+            vf kr[4];
+            for (int r = 0; r < 4; r++) kr[r] = mp_row_slice(row[r], c, head_dim);
+            for (int h = 0; h < MP_GH; h++) {
+                const vf qv = *(const vf *)(q + (h * slices + c) * MP_V);
+                for (int r = 0; r < 4; r++) acc[h * 4 + r] += kr[r] * qv;
+            }
         }
-        float sum[MP_R];
-        mp_reduce8(acc, sum);
-        for (int r = 0; r < MP_R && j0 + r < count; r++) s[j0 + r] = sum[r] * scale;
+        for (int half = 0; half < MP_GH / 2; half++) { /* heads 2 half, 2 half + 1: eight lane sums */
+            float sum[8];
+            mp_reduce8(acc + half * 8, sum);
+            for (int i = 0; i < 8; i++)
+                if (j0 + i % 4 < count) s[half * 2 + i / 4][j0 + i % 4] = sum[i] * scale;
+        }
     }
 }
 
-/* o[0:head_dim] = sum_j p[j] v_j over `count` value rows, slice by slice with four rows in flight. */
-static void mp_weighted_rows(const float *p, const float *v, long head_dim, long count, float *o) {
-    for (long c = 0; c < mp_pad(head_dim, MP_V) / MP_V; c++) {
-        vf acc[4] = {{0}, {0}, {0}, {0}};
-        long j = 0;
-        for (; j + 4 <= count; j += 4)
-            for (int u = 0; u < 4; u++) acc[u] += p[j + u] * mp_row_slice(v + (j + u) * head_dim, c, head_dim);
-        for (; j < count; j++) acc[0] += p[j] * mp_row_slice(v + j * head_dim, c, head_dim);
-        const vf total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-        const long n = head_dim - c * MP_V < MP_V ? head_dim - c * MP_V : MP_V;
-        memcpy(o + c * MP_V, &total, (size_t)n * sizeof(float));
+/* o[h][0:head_dim] = sum_j p[h][j] v_j over `count` value rows for MP_GH heads, four slices at a time: each
+ * row's slices are loaded once and used by every head (16 accumulators). o[h] may alias for padding heads,
+ * which hold the same values. */
+static void mp_weighted_rows(const float *const *p, const float *v, long head_dim, long count, float *const *o) {
+    for (long c0 = 0; c0 < mp_pad(head_dim, MP_V) / MP_V; c0 += 4) {
+        vf acc[MP_GH * 4];
+        for (int i = 0; i < MP_GH * 4; i++) acc[i] = (vf){0};
+        for (long j = 0; j < count; j++) {
+            vf vr[4];
+            for (int u = 0; u < 4; u++) vr[u] = mp_row_slice(v + j * head_dim, c0 + u, head_dim);
+            for (int h = 0; h < MP_GH; h++) {
+                const float w = p[h][j];
+                for (int u = 0; u < 4; u++) acc[h * 4 + u] += w * vr[u];
+            }
+        }
+        for (int h = 0; h < MP_GH; h++)
+            for (int u = 0; u < 4 && (c0 + u) * MP_V < head_dim; u++) {
+                const long n = head_dim - (c0 + u) * MP_V < MP_V ? head_dim - (c0 + u) * MP_V : MP_V;
+                memcpy(o[h] + (c0 + u) * MP_V, &acc[h * 4 + u], (size_t)n * sizeof(float));
+            }
+    }
+}
+
+/* Work items [lo, hi) of attention over len positions: item (g, c) is chunk c of KV head g, g-major. For each
+ * query head of the group it leaves the chunk's partial softmax (max m, sum l, weighted values o) in `part`
+ * ([chunks][heads][m, l, o[hd]]) and its exponentials in `scores` ([heads][cap]). */
+static void mp_attend_items(const float *q, const float *k, const float *v, float *scores, float *part, long heads,
+                            long kv_heads, long head_dim, long cap, long len, float scale, long lo, long hi) {
+    const long groups = heads / kv_heads, chunks = (len + MP_CHUNK - 1) / MP_CHUNK, stride = head_dim + 2;
+    const long qslices = mp_pad(head_dim, MP_V) / MP_V;
+    float qpad[MP_GH * qslices * MP_V];
+    for (long item = lo; item < hi; item++) {
+        const long g = item / chunks, c = item % chunks, j0 = c * MP_CHUNK;
+        const long count = len - j0 < MP_CHUNK ? len - j0 : MP_CHUNK;
+        const float *kg = k + (g * cap + j0) * head_dim, *vg = v + (g * cap + j0) * head_dim;
+        for (long h0 = g * groups; h0 < (g + 1) * groups; h0 += MP_GH) {
+            float *s[MP_GH], *o[MP_GH];
+            memset(qpad, 0, sizeof qpad);
+            for (long i = 0; i < MP_GH; i++) { /* heads past the group repeat its last one */
+                const long h = h0 + i < (g + 1) * groups ? h0 + i : (g + 1) * groups - 1;
+                memcpy(qpad + i * qslices * MP_V, q + h * head_dim, (size_t)head_dim * sizeof(float));
+                s[i] = scores + h * cap + j0;
+                o[i] = part + (c * heads + h) * stride + 2;
+            }
+            mp_scores(qpad, kg, head_dim, count, scale, s);
+            for (long h = h0; h < h0 + MP_GH && h < (g + 1) * groups; h++) {
+                float *sh = scores + h * cap + j0, mx = -INFINITY, total = 0.0f;
+                for (long j = 0; j < count; j++) mx = sh[j] > mx ? sh[j] : mx;
+                long j = 0;
+                for (; j + MP_V <= count; j += MP_V) {
+                    const vf e = mp_exp(*(const vf *)(sh + j) - mx);
+                    memcpy(sh + j, &e, sizeof e);
+                    total += mp_hsum(e);
+                }
+                for (; j < count; j++) total += (sh[j] = expf(sh[j] - mx));
+                part[(c * heads + h) * stride] = mx;
+                part[(c * heads + h) * stride + 1] = total;
+            }
+            mp_weighted_rows((const float *const *)s, vg, head_dim, count, o);
+        }
+    }
+}
+
+/* out[h] for heads [h0, h1): the chunks' partial softmaxes rescaled to their common max and summed. */
+static void mp_attend_combine(const float *part, float *out, long heads, long head_dim, long chunks, long h0,
+                              long h1) {
+    const long stride = head_dim + 2;
+    for (long h = h0; h < h1; h++) {
+        float mx = -INFINITY, total = 0.0f, *oh = out + h * head_dim;
+        for (long c = 0; c < chunks; c++) mx = part[(c * heads + h) * stride] > mx ? part[(c * heads + h) * stride] : mx;
+        for (long d = 0; d < head_dim; d++) oh[d] = 0.0f;
+        for (long c = 0; c < chunks; c++) {
+            const float *ph = part + (c * heads + h) * stride, w = expf(ph[0] - mx);
+            total += w * ph[1];
+            for (long d = 0; d < head_dim; d++) oh[d] += w * ph[2 + d];
+        }
+        for (long d = 0; d < head_dim; d++) oh[d] /= total;
     }
 }
 
@@ -266,107 +353,91 @@ static void mp_weighted_rows(const float *p, const float *v, long head_dim, long
  * read once per KV head, not once per query head. */
 void mp_attend(const float *q, const float *k, const float *v, float *out, float *work, long heads,
                long kv_heads, long head_dim, long cap, long len, float scale) {
-    const long groups = heads / kv_heads, chunks = (len + MP_CHUNK - 1) / MP_CHUNK, stride = head_dim + 2;
-    const long qslices = mp_pad(head_dim, MP_V) / MP_V;
-    float *scores = work, *part = work + heads * cap; /* part: [chunks][heads][m, l, o[hd]] */
+    const long chunks = (len + MP_CHUNK - 1) / MP_CHUNK;
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (long item = 0; item < chunks * kv_heads; item++) {
-            const long g = item / chunks, c = item % chunks, j0 = c * MP_CHUNK;
-            const long count = len - j0 < MP_CHUNK ? len - j0 : MP_CHUNK;
-            const float *kg = k + (g * cap + j0) * head_dim, *vg = v + (g * cap + j0) * head_dim;
-            for (long h = g * groups; h < (g + 1) * groups; h++) {
-                float qpad[qslices * MP_V];
-                memset(qpad, 0, sizeof qpad);
-                memcpy(qpad, q + h * head_dim, (size_t)head_dim * sizeof(float));
-                float *s = scores + h * cap + j0, *ph = part + (c * heads + h) * stride, *o = ph + 2;
-                mp_scores(qpad, kg, head_dim, count, scale, s);
-                float mx = -INFINITY;
-                for (long j = 0; j < count; j++) mx = s[j] > mx ? s[j] : mx;
-                float total = 0.0f;
-                long j = 0;
-                for (; j + MP_V <= count; j += MP_V) {
-                    const vf e = mp_exp(*(const vf *)(s + j) - mx);
-                    memcpy(s + j, &e, sizeof e);
-                    total += mp_hsum(e);
-                }
-                for (; j < count; j++) total += (s[j] = expf(s[j] - mx));
-                mp_weighted_rows(s, vg, head_dim, count, o);
-                ph[0] = mx;
-                ph[1] = total;
-            }
-        }
-#pragma omp for schedule(static)
-        for (long h = 0; h < heads; h++) {
-            float mx = -INFINITY, total = 0.0f, *oh = out + h * head_dim;
-            for (long c = 0; c < chunks; c++) mx = part[(c * heads + h) * stride] > mx ? part[(c * heads + h) * stride] : mx;
-            for (long d = 0; d < head_dim; d++) oh[d] = 0.0f;
-            for (long c = 0; c < chunks; c++) {
-                const float *ph = part + (c * heads + h) * stride, w = expf(ph[0] - mx);
-                total += w * ph[1];
-                for (long d = 0; d < head_dim; d++) oh[d] += w * ph[2 + d];
-            }
-            for (long d = 0; d < head_dim; d++) oh[d] /= total;
-        }
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        long lo, hi;
+        mp_range(chunks * kv_heads, t, T, &lo, &hi);
+        mp_attend_items(q, k, v, work, work + heads * cap, heads, kv_heads, head_dim, cap, len, scale, lo, hi);
+#pragma omp barrier
+        mp_range(heads, t, T, &lo, &hi);
+        mp_attend_combine(work + heads * cap, out, heads, head_dim, chunks, lo, hi);
     }
 }
 
-/* Floats of scratch mp_step needs for a cache of `cap` positions. */
+/* Floats of scratch mp_step needs for a cache of `cap` positions: the products' outputs, shared by the threads,
+ * and attention's work space. */
 long mp_scratch_floats(const mp_model *m, long cap) {
-    const long hd = m->head_dim;
-    return 2 * mp_pad(m->hidden, MP_V) + mp_pad((m->heads + 2 * m->kv_heads) * hd, MP_R) +
-           mp_pad(m->heads * hd, MP_V) + mp_pad(2 * m->inter, MP_R) + mp_pad(m->inter, MP_V) +
-           mp_pad(m->hidden, MP_R) + hd + mp_attend_floats(m->heads, hd, cap);
+    return mp_pad((m->heads + 2 * m->kv_heads) * m->head_dim, MP_R) + mp_pad(2 * m->inter, MP_R) +
+           mp_pad(m->hidden, MP_R) + mp_attend_floats(m->heads, m->head_dim, cap);
 }
 
 /* Feed `token` at rotary row (cos, sin) after `len` cached positions; writes post-RoPE k and v at index
  * `len` of every layer's cache ([L][KV][cap][hd]) and the next-token logits (mp_pad(vocab, R) floats).
- * `scratch` holds mp_scratch_floats(m, cap) floats, zeroed once by the caller (pad lanes must stay zero). */
+ * `scratch` holds mp_scratch_floats(m, cap) floats.
+ *
+ * One parallel region for the whole step. Each thread keeps its own copy of the small vectors (residual,
+ * normed input, attention output, MLP activation: ~4k floats for the embedded model, on its stack) and
+ * computes the elementwise parts redundantly, so the only synchronisation is a barrier after each product
+ * (its output is shared) and two around attention: six per layer, against ~ten fork/join points when every
+ * product was its own parallel loop. */
 void mp_step(const mp_model *m, float *cache_k, float *cache_v, long cap, long len, long token, const float *cos,
              const float *sin, float *logits, float *scratch) {
-    const long D = m->hidden, H = m->heads, KV = m->kv_heads, hd = m->head_dim, F = m->inter;
-    const long nqkv = (H + 2 * KV) * hd;
-    /* Layout as counted by mp_scratch_floats; inputs of mp_gemv (xn, att, act) keep zero pad lanes. */
-    float *h = scratch, *xn = h + mp_pad(D, MP_V);
-    float *qkv = xn + mp_pad(D, MP_V);
-    float *att = qkv + mp_pad(nqkv, MP_R);
-    float *gu = att + mp_pad(H * hd, MP_V);
-    float *act = gu + mp_pad(2 * F, MP_R);
-    float *out = act + mp_pad(F, MP_V);
-    float *tmp = out + mp_pad(D, MP_R);
-    float *work = tmp + hd;
+    const long D = m->hidden, H = m->heads, KV = m->kv_heads, hd = m->head_dim, F = m->inter, L = m->layers;
+    const long nqkv = (H + 2 * KV) * hd, chunks = (len + 1 + MP_CHUNK - 1) / MP_CHUNK;
+    float *qkv = scratch, *gu = qkv + mp_pad(nqkv, MP_R), *out = gu + mp_pad(2 * F, MP_R);
+    float *scores = out + mp_pad(D, MP_R), *part = scores + H * cap;
     const long layer_stride = KV * cap * hd;
-
-    memcpy(h, m->embed + token * D, (size_t)D * sizeof(float));
-    for (long l = 0; l < m->layers; l++) {
-        const mp_layer *ly = &m->layer[l];
-        mp_rms(h, ly->ln1, xn, D, m->eps);
-        mp_product(m, ly->qkv, xn, ly->qkv_bias, qkv, nqkv, D);
-        for (long j = 0; j < H + KV; j++) {
-            float *x = qkv + j * hd;
-            if (ly->qk_norm != NULL) mp_rms(x, ly->qk_norm + j * hd, x, hd, m->eps);
-            mp_rope(x, cos, sin, hd, tmp);
+#pragma omp parallel
+    {
+        const int t = omp_get_thread_num(), T = omp_get_num_threads();
+        /* Inputs of products (xn, att, act) keep zero pad lanes: the panels read whole 16-float slices. */
+        float h[mp_pad(D, MP_V)], xn[mp_pad(D, MP_V)], rq[nqkv], att[mp_pad(H * hd, MP_V)], act[mp_pad(F, MP_V)];
+        float tmp[hd];
+        memset(xn, 0, sizeof xn);
+        memset(att, 0, sizeof att);
+        memset(act, 0, sizeof act);
+        memcpy(h, m->embed + token * D, (size_t)D * sizeof(float));
+        mp_rms(h, m->layer[0].ln1, xn, D, m->eps);
+        for (long l = 0; l < L; l++) {
+            const mp_layer *ly = &m->layer[l];
+            float *kc = cache_k + l * layer_stride, *vc = cache_v + l * layer_stride;
+            mp_product_part(m, ly->qkv, xn, ly->qkv_bias, qkv, nqkv, D, t, T);
+#pragma omp barrier
+            memcpy(rq, qkv, (size_t)nqkv * sizeof(float));
+            for (long j = 0; j < H + KV; j++) {
+                float *x = rq + j * hd;
+                if (ly->qk_norm != NULL) mp_rms(x, ly->qk_norm + j * hd, x, hd, m->eps);
+                mp_rope(x, cos, sin, hd, tmp);
+            }
+            for (long g = t; g < KV; g += T) {
+                memcpy(kc + (g * cap + len) * hd, rq + (H + g) * hd, (size_t)hd * sizeof(float));
+                memcpy(vc + (g * cap + len) * hd, rq + (H + KV + g) * hd, (size_t)hd * sizeof(float));
+            }
+#pragma omp barrier
+            long lo, hi;
+            mp_range(chunks * KV, t, T, &lo, &hi);
+            mp_attend_items(rq, kc, vc, scores, part, H, KV, hd, cap, len + 1, m->scale, lo, hi);
+#pragma omp barrier
+            mp_attend_combine(part, att, H, hd, chunks, 0, H);
+            mp_product_part(m, ly->o, att, NULL, out, D, H * hd, t, T);
+#pragma omp barrier
+            for (long i = 0; i < D; i++) h[i] += out[i];
+            mp_rms(h, ly->ln2, xn, D, m->eps);
+            mp_product_part(m, ly->gate_up, xn, NULL, gu, 2 * F, D, t, T);
+#pragma omp barrier
+            long i = 0;
+            for (; i + MP_V <= F; i += MP_V) {
+                const vf g = *(const vf *)(gu + i), a = g / (mp_exp((vf){0} - g) + 1.0f) * *(const vf *)(gu + F + i);
+                memcpy(act + i, &a, sizeof a);
+            }
+            for (; i < F; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[F + i];
+            mp_product_part(m, ly->down, act, NULL, out, D, F, t, T);
+#pragma omp barrier
+            for (long i = 0; i < D; i++) h[i] += out[i];
+            mp_rms(h, l + 1 < L ? m->layer[l + 1].ln1 : m->norm, xn, D, m->eps);
         }
-        float *kc = cache_k + l * layer_stride, *vc = cache_v + l * layer_stride;
-        for (long g = 0; g < KV; g++) {
-            memcpy(kc + (g * cap + len) * hd, qkv + (H + g) * hd, (size_t)hd * sizeof(float));
-            memcpy(vc + (g * cap + len) * hd, qkv + (H + KV + g) * hd, (size_t)hd * sizeof(float));
-        }
-        mp_attend(qkv, kc, vc, att, work, H, KV, hd, cap, len + 1, m->scale);
-        mp_product(m, ly->o, att, NULL, out, D, H * hd);
-        for (long i = 0; i < D; i++) h[i] += out[i];
-        mp_rms(h, ly->ln2, xn, D, m->eps);
-        mp_product(m, ly->gate_up, xn, NULL, gu, 2 * F, D);
-        long i = 0;
-        for (; i + MP_V <= F; i += MP_V) {
-            const vf g = *(const vf *)(gu + i), a = g / (mp_exp((vf){0} - g) + 1.0f) * *(const vf *)(gu + F + i);
-            memcpy(act + i, &a, sizeof a);
-        }
-        for (; i < F; i++) act[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[F + i];
-        mp_product(m, ly->down, act, NULL, out, D, F);
-        for (long i = 0; i < D; i++) h[i] += out[i];
+        mp_product_part(m, m->lm_head, xn, NULL, logits, m->vocab, D, t, T);
     }
-    mp_rms(h, m->norm, xn, D, m->eps);
-    mp_product(m, m->lm_head, xn, NULL, logits, m->vocab, D);
 }

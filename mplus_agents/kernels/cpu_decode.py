@@ -49,6 +49,32 @@ def panel_numel(n: int, k: int) -> int:
     return _pad(n, ROWS) * _pad(k, LANES)
 
 
+def _anonymous_map(nbytes: int, huge_pages: bool) -> tuple[mmap.mmap, bool]:
+    """A zeroed private mapping of `nbytes`, and whether the kernel took the advice to back it with 2 MB pages."""
+    # Private: a shared anonymous mapping is shmem, whose huge pages follow another (usually off) setting.
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+            return mapping, True
+        except OSError:
+            pass
+    return mapping, False
+
+
+def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape, dtype) on the CPU, in its own mapping on 2 MB pages where the kernel allows.
+
+    For the decode step's key/value cache: attention streams it like the weights, and on 4 KB pages long
+    contexts read it measurably slower (PanelArena says why). The tensor keeps its mapping alive.
+    """
+    numel = 1
+    for size in shape:
+        numel *= size
+    mapping, _ = _anonymous_map(numel * dtype.itemsize, huge_pages=True)
+    return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)
+
+
 class PanelArena:
     """One anonymous mapping for all of a model's panels, asked (Linux MADV_HUGEPAGE) for 2 MB pages.
 
@@ -62,15 +88,7 @@ class PanelArena:
     ALIGN = 64
 
     def __init__(self, nbytes: int, huge_pages: bool = True) -> None:
-        # Private: a shared anonymous mapping is shmem, whose huge pages follow another (usually off) setting.
-        self._map = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self.huge_pages = False
-        if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                self._map.madvise(mmap.MADV_HUGEPAGE)
-                self.huge_pages = True
-            except OSError:
-                pass
+        self._map, self.huge_pages = _anonymous_map(nbytes, huge_pages)
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
         self.used = 0
 
