@@ -5,7 +5,7 @@
  * half the bandwidth a plain sum reaches, and the ~25 small torch calls per layer add milliseconds of
  * dispatch. Here the weights are packed into row panels ([N/R][K/16][R][16]: R output rows interleaved in
  * 16-float slices), so each thread reads its part of a matrix as one sequential stream with R independent
- * accumulators in flight, and the whole step is one call.
+ * accumulators in flight, and the whole step is one call and one parallel region (mp_step says why).
  *
  * The math is FastDecoder.step's (mplus_agents/fast.py), which is pinned to the stock transformers forward:
  * RMSNorm in fp32, optional per-head q/k RMSNorm (Qwen3), RoPE as x * cos + roll(x, hd/2) * signed sin,
