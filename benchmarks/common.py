@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -139,7 +139,7 @@ def hf_generate(llm: MPlusLLM, ids: list[int], max_new_tokens: int, *, force: bo
     if force:
         kwargs["min_new_tokens"] = max_new_tokens
     with torch.no_grad():
-        out = llm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        out = cast(Any, llm.model).generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
     new = out[0, len(ids) :].tolist()
     return str(llm.tokenizer.decode(new, skip_special_tokens=True)), len(new)
 

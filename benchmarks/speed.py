@@ -20,7 +20,9 @@ memory bandwidth, where bandwidth is measured in the same run (best of several s
 decode against the bandwidth measured just before and after it (a shared machine's bandwidth drifts 2x), and
 `paired` (fast-path systems, which can be stepped one token at a time) as the median over steps of each
 step against a 256 MB bandwidth probe read right before it: this VM's bandwidth jumps between ~33 and ~60 GB/s
-every few seconds, so only a reading milliseconds away is the floor the step actually had.
+every few seconds, so only a reading milliseconds away is the floor the step actually had. `fast` is the
+paired median over the steps whose probe read at least 75% of the run's best probe reading (the fast regime,
+where a bandwidth-bound loop falls furthest short of a plain sum).
 
 Injection: `LatentMemory.inject` of a long text (fast path on and off) next to plain HF prefill of the same
 tokens in the same 512-token chunks, and as FLOP/s over the GEMM FLOP/s measured in the same run.
@@ -54,6 +56,9 @@ from conversation import filler_sentence  # noqa: E402
 from mplus_agents import MPlusLLM  # noqa: E402
 from mplus_agents.default_model import gguf_path  # noqa: E402
 from mplus_agents.fast import FastDecoder, StaticCache  # noqa: E402
+
+FAST_REGIME = 0.75
+"""A step counts as in the fast bandwidth regime when its probe read at least this share of the run's best."""
 from mplus_agents.kernels.cpu_decode import PanelArena  # noqa: E402
 
 Timer = Callable[[], float]
@@ -180,8 +185,8 @@ def ours_decode(llm: MPlusLLM, mem: Any, message: str, n: int, decoder: FastDeco
 
 def paired_of_floor(
     llm: MPlusLLM, mem: Any, message: str, n: int, decoder: FastDecoder, probe: BandwidthProbe, nbytes: int
-) -> float:
-    """Median over n steps of (floor at the bandwidth read just before the step) / (the step's time).
+) -> list[tuple[float, float]]:
+    """Per step of n: (GB/s read just before the step, floor at that bandwidth / the step's time).
 
     This VM's bandwidth jumps between ~33 and ~60 GB/s every few seconds, which is longer than a step, so a
     reading taken milliseconds before each step is the floor that step actually had.
@@ -193,9 +198,9 @@ def paired_of_floor(
         bw = probe.gbs()
         t = time.perf_counter()
         token = int(torch.argmax(decoder.step(static, token, pos)))
-        fractions.append(nbytes / (bw * 1e9) / (time.perf_counter() - t))
+        fractions.append((bw, nbytes / (bw * 1e9) / (time.perf_counter() - t)))
         pos += 1
-    return statistics.median(fractions)
+    return fractions
 
 
 def hf_decode(llm: MPlusLLM, ids: list[int], n: int) -> float:
@@ -336,7 +341,7 @@ def main() -> None:
         return weights + ctx_len * kv_bytes_per_position(llm, 4)
 
     decode: dict[tuple[str, str], list[float]] = {}
-    paired: dict[tuple[str, str], list[float]] = {}
+    paired: dict[tuple[str, str], list[tuple[float, float]]] = {}
     inject: dict[str, list[float]] = {}
     bw: list[float] = []
     gemm: list[float] = []
@@ -351,8 +356,8 @@ def main() -> None:
                 decode.setdefault((name, system), []).append(ours_decode(llm, mem, message, n, decoder)[0])
                 if decoder is not None:
                     nbytes = step_bytes(system, len(ids))
-                    fraction = paired_of_floor(llm, mem, message, n, decoder, probe, nbytes)
-                    paired.setdefault((name, system), []).append(fraction)
+                    steps = paired_of_floor(llm, mem, message, n, decoder, probe, nbytes)
+                    paired.setdefault((name, system), []).extend(steps)
             decode.setdefault((name, "hf-generate"), []).append(hf_decode(llm, ids, n))
             if cpp is not None:
                 decode.setdefault((name, "llama.cpp"), []).append(cpp.decode(ids, n))
@@ -368,6 +373,14 @@ def main() -> None:
 
     bandwidth = max(bw)  # the floor uses the best bandwidth seen: a floor must not be flattered by noise
     gemm_peak = max(gemm)
+    # The fast regime: steps whose probe read at least FAST_REGIME of the best probe reading of the run. The
+    # plain paired median mostly reflects whichever regime the run happened to sit in.
+    probe_best = max((b for steps in paired.values() for b, _ in steps), default=0.0)
+
+    def paired_median(steps: list[tuple[float, float]], fast: bool) -> float | None:
+        chosen = [f for b, f in steps if not fast or b >= FAST_REGIME * probe_best]
+        return round(statistics.median(chosen), 3) if len(chosen) >= 5 else None
+
     rows: list[dict[str, Any]] = []
     for (ctx_name, system), values in decode.items():
         ctx_len = len(contexts[ctx_name][1])
@@ -381,9 +394,9 @@ def main() -> None:
             unit="ms/token", min=round(min(values), 2), max=round(max(values), 2),
             floor_ms=round(floor_ms, 2), of_floor=round(floor_ms / ms, 3),
             of_round_floor=round(statistics.median(per_round), 3),
-            of_paired_floor=(
-                round(statistics.median(paired[(ctx_name, system)]), 3) if (ctx_name, system) in paired else None
-            ),
+            of_paired_floor=paired_median(paired.get((ctx_name, system), []), fast=False),
+            of_paired_floor_fast=paired_median(paired.get((ctx_name, system), []), fast=True),
+            paired_fast_steps=sum(b >= FAST_REGIME * probe_best for b, _ in paired.get((ctx_name, system), [])),
         ))
     stock = {r["context"]: r["value"] for r in rows if r["system"] == "hf-generate"}
     for row in rows:
@@ -404,7 +417,8 @@ def main() -> None:
         bandwidth_gbs=round(bandwidth, 1), bandwidth_rounds=[round(b, 1) for b in bw],
         gemm_gflops=round(gemm_peak, 1), gemm_rounds=[round(g, 1) for g in gemm], threads=threads,
         fp32_weight_bytes=fp32_weights, gguf_bytes=cpp.weight_bytes() if cpp else None, rounds=args.rounds,
-        decode_tokens=n, flops_per_injected_token=flops_per_injected_token(llm, avg_ctx),
+        decode_tokens=n, probe_best_gbs=round(probe_best, 1), fast_regime=FAST_REGIME,
+        flops_per_injected_token=flops_per_injected_token(llm, avg_ctx),
         llamacpp=cpp_note or "measured",
     )
     report(rows, meta, args.out)
@@ -415,13 +429,14 @@ def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     print(f"\nbandwidth {meta['bandwidth_gbs']} GB/s (best of {meta['bandwidth_rounds']}), "
           f"GEMM {meta['gemm_gflops']} GFLOP/s (best of {meta['gemm_rounds']}), threads {meta['threads']}")
     print(f"\n{'decode':<12} {'ctx':>6} {'system':<12} {'ms/tok':>8} {'range':>13} {'floor':>7} {'of floor':>9} "
-          f"{'of round':>9} {'paired':>7} {'x HF gen':>9}")
+          f"{'of round':>9} {'paired':>7} {'fast':>5} {'x HF gen':>9}")
     for r in rows:
         if r["kind"] == "decode":
             pair = "n/a" if r["of_paired_floor"] is None else f"{r['of_paired_floor']:.0%}"
+            fast = "n/a" if r["of_paired_floor_fast"] is None else f"{r['of_paired_floor_fast']:.0%}"
             print(f"{r['context']:<12} {r['context_tokens']:>6} {r['system']:<12} {r['value']:>8.1f} "
                   f"{r['min']:>6.1f}-{r['max']:<6.1f} {r['floor_ms']:>7.1f} {r['of_floor']:>9.0%} "
-                  f"{r['of_round_floor']:>9.0%} {pair:>7} {r['vs_hf_generate']:>9.2f}")
+                  f"{r['of_round_floor']:>9.0%} {pair:>7} {fast:>5} {r['vs_hf_generate']:>9.2f}")
     print(f"\n{'inject':<12} {'system':<12} {'tok/s':>8} {'range':>13} {'GFLOP/s':>8} {'of GEMM':>8} "
           f"{'x HF prefill':>13}")
     for r in rows:
