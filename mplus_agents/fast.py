@@ -43,6 +43,15 @@ def _proj(x: torch.Tensor, parts: Proj) -> torch.Tensor:
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
+def _proj_parts(x: torch.Tensor, parts: Proj, widths: list[int]) -> list[torch.Tensor]:
+    """One output per fused module ([q, k, v] or [gate, up]): separate products when the weights are not packed
+    (concatenating them only to split again copied ~4% of an injection's time), views of one product when they
+    are."""
+    if len(parts) == len(widths):
+        return [x @ w if b is None else torch.addmm(b, x, w) for w, b in parts]
+    return list(_proj(x, parts).split(widths, dim=-1))
+
+
 @dataclass
 class _Layer:
     ln1: torch.Tensor
@@ -244,16 +253,17 @@ class FastDecoder:
         """q [T, H, hd] and k [T, KV, hd] rotated; pre-RoPE k and v [T, KV, hd] (what memory stores)."""
         s = self.arch.shapes
         t = h.shape[0]
-        qkv = _proj(self._rms(h, lay.ln1), lay.qkv)
-        qk = qkv[:, : self.q_width + self.kv_width].view(t, s.heads + s.kv_heads, s.head_dim)
-        v = qkv[:, self.q_width + self.kv_width :].view(t, s.kv_heads, s.head_dim)
+        widths = [self.q_width, self.kv_width, self.kv_width]
+        q, k, v = (x.view(t, -1, s.head_dim) for x in _proj_parts(self._rms(h, lay.ln1), lay.qkv, widths))
         if lay.qk_norm is not None:
-            qk = self._rms(qk, lay.qk_norm)
-        rot = qk * cos.unsqueeze(1) + qk.roll(s.head_dim // 2, -1) * sin.unsqueeze(1)
-        return rot[:, : s.heads], rot[:, s.heads :], qk[:, s.heads :], v
+            q, k = self._rms(q, lay.qk_norm[: s.heads]), self._rms(k, lay.qk_norm[s.heads :])
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        half = s.head_dim // 2
+        return q * cos + q.roll(half, -1) * sin, k * cos + k.roll(half, -1) * sin, k, v
 
     def _mlp(self, lay: _Layer, h: torch.Tensor) -> torch.Tensor:
-        gate, up = _proj(self._rms(h, lay.ln2), lay.gate_up).chunk(2, dim=-1)
+        inter = lay.down[0][0].shape[0]  # down's weight is stored [inter, hidden]
+        gate, up = _proj_parts(self._rms(h, lay.ln2), lay.gate_up, [inter, inter])
         return h + _proj(F.silu(gate) * up, lay.down)
 
     # ------------------------------------------------------------------ passes
