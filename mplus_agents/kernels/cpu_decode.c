@@ -61,7 +61,7 @@ static inline float mp_hsum(vf v) {
 }
 
 /* out[r] = lane sum of acc[r], r < 8: each halving level adds pairs of vectors after interleaving their
- * halves, so eight rows cost 15 shuffles and 7 adds rather than 8 serial scalar chains (which took ~5% of a
+ * halves, so eight rows cost 16 shuffles and 8 adds rather than 8 serial scalar chains (which took ~5% of a
  * bandwidth-bound panel product at 60 GB/s). */
 static inline __attribute__((always_inline)) void mp_reduce8(const vf acc[8], float out[8]) {
     vf x[4], y[2];
