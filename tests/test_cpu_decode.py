@@ -93,9 +93,10 @@ def test_vector_exp_matches_torch(lib) -> None:
 
 @pytest.mark.parametrize(
     "heads,kv,hd,cap,length",
-    # groups of 3, 1, 8 and 5 query heads (4 share a pass over K/V); head sizes with ragged or extra slices
+    # groups of 3, 1, 8, 5 and 2 query heads (a pass over K/V serves 4, the last one repeated as padding); head
+    # sizes with ragged or extra slices
     [(9, 3, 64, 500, 440), (6, 2, 8, 40, 1), (4, 4, 16, 33, 33), (8, 1, 24, 70, 65), (10, 2, 80, 300, 257),
-     (4, 2, 128, 200, 129)],
+     (4, 2, 128, 200, 129), (8, 4, 32, 90, 77)],
 )
 def test_attend_matches_sdpa(lib, heads: int, kv: int, hd: int, cap: int, length: int) -> None:
     gen = torch.Generator().manual_seed(heads * cap + length)

@@ -9,6 +9,7 @@ Only fp32 on CPU; FastDecoder falls back to its torch step for anything else.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 from typing import TYPE_CHECKING
 
@@ -68,9 +69,7 @@ def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     For the decode step's key/value cache: attention streams it like the weights, and on 4 KB pages long
     contexts read it measurably slower (PanelArena says why). The tensor keeps its mapping alive.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     mapping, _ = _anonymous_map(numel * dtype.itemsize, huge_pages=True)
     return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)
 
