@@ -218,4 +218,5 @@ def test_huge_page_zeros_is_zeroed_writable_and_kept_alive() -> None:
     k[1, 1, 4] = torch.arange(4.0)
     assert k.sum().item() == 6.0
     assert cpu_decode.huge_page_zeros((2, 8), torch.bfloat16).dtype == torch.bfloat16
+    assert cpu_decode.huge_page_zeros((3, 0, 4), torch.float32).shape == (3, 0, 4)
 

@@ -70,6 +70,8 @@ def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     contexts read it measurably slower (PanelArena says why). The tensor keeps its mapping alive.
     """
     numel = math.prod(shape)
+    if numel == 0:  # nothing to map (torch.frombuffer refuses an empty view)
+        return torch.zeros(shape, dtype=dtype)
     mapping, _ = _anonymous_map(numel * dtype.itemsize, huge_pages=True)
     return torch.frombuffer(mapping, dtype=dtype, count=numel).view(shape)
 
