@@ -201,7 +201,8 @@ class NativeStep:
         self._keep = keep
 
     def scratch(self, capacity: int) -> torch.Tensor:
-        """Zeroed work space for a cache of `capacity` positions (pad lanes must start at zero)."""
+        """Work space for a cache of `capacity` positions: the products' shared outputs and attention's partial
+        results (the vectors whose pad lanes must be zero live on each thread's stack, zeroed per step)."""
         return torch.zeros(int(self.lib.mp_scratch_floats(ctypes.byref(self.model), capacity)))
 
     def step(
