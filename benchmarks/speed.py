@@ -56,10 +56,10 @@ from conversation import filler_sentence  # noqa: E402
 from mplus_agents import MPlusLLM  # noqa: E402
 from mplus_agents.default_model import gguf_path  # noqa: E402
 from mplus_agents.fast import FastDecoder, StaticCache  # noqa: E402
+from mplus_agents.kernels.cpu_decode import PanelArena  # noqa: E402
 
 FAST_REGIME = 0.75
 """A step counts as in the fast bandwidth regime when its probe read at least this share of the run's best."""
-from mplus_agents.kernels.cpu_decode import PanelArena  # noqa: E402
 
 Timer = Callable[[], float]
 
@@ -389,14 +389,15 @@ def main() -> None:
         ms = statistics.median(values)
         # Each round's decode against the bandwidth measured around it, as a second reading of the same ratio.
         per_round = [nbytes / (b * 1e9) * 1000 / v for b, v in zip(round_bw, values, strict=True)]
+        steps = paired.get((ctx_name, system), [])
         rows.append(dict(
             kind="decode", context=ctx_name, context_tokens=ctx_len, system=system, value=round(ms, 2),
             unit="ms/token", min=round(min(values), 2), max=round(max(values), 2),
             floor_ms=round(floor_ms, 2), of_floor=round(floor_ms / ms, 3),
             of_round_floor=round(statistics.median(per_round), 3),
-            of_paired_floor=paired_median(paired.get((ctx_name, system), []), fast=False),
-            of_paired_floor_fast=paired_median(paired.get((ctx_name, system), []), fast=True),
-            paired_fast_steps=sum(b >= FAST_REGIME * probe_best for b, _ in paired.get((ctx_name, system), [])),
+            of_paired_floor=paired_median(steps, fast=False),
+            of_paired_floor_fast=paired_median(steps, fast=True),
+            paired_fast_steps=sum(b >= FAST_REGIME * probe_best for b, _ in steps),
         ))
     stock = {r["context"]: r["value"] for r in rows if r["system"] == "hf-generate"}
     for row in rows:
