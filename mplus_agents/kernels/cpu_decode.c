@@ -151,7 +151,7 @@ static inline __attribute__((always_inline)) vf mp_slice(const void *panel, long
 }
 
 /* Rows b*R .. b*R+R-1 of y = panel . x (+ bias[0:n]); x has `slices` * 16 floats, zero beyond K. `bf16` is a
- * constant at both call sites, so each entry point's loop is specialised, with no branch in it. */
+ * constant wherever it is inlined (mp_panel_part), so each loop is specialised, with no branch in it. */
 static inline __attribute__((always_inline)) void mp_panel_rows(const void *panel, int bf16, const float *x,
                                                                 const float *bias, float *y, long n, long slices,
                                                                 long b) {
@@ -170,38 +170,43 @@ static inline __attribute__((always_inline)) void mp_panel_rows(const void *pane
     }
 }
 
-/* y[0 : ceil(N/R) R] = panel . x (+ bias[0:N]); x has mp_pad(K, 16) floats, zero beyond K. */
-void mp_gemv(const float *panel, const float *x, const float *bias, float *y, long n, long k) {
-    const long slices = mp_pad(k, MP_V) / MP_V;
-#pragma omp parallel for schedule(static)
-    for (long b = 0; b < mp_pad(n, MP_R) / MP_R; b++) mp_panel_rows(panel, 0, x, bias, y, n, slices, b);
-}
-
-/* mp_gemv over a bf16 panel: the fp32 product with bf16-rounded weights, reading half the bytes. */
-void mp_gemv_bf16(const unsigned short *panel, const float *x, const float *bias, float *y, long n, long k) {
-    const long slices = mp_pad(k, MP_V) / MP_V;
-#pragma omp parallel for schedule(static)
-    for (long b = 0; b < mp_pad(n, MP_R) / MP_R; b++) mp_panel_rows(panel, 1, x, bias, y, n, slices, b);
-}
-
-/* Blocks [lo, hi) of n for thread t of T: equal shares, the first n % T threads one more (as OpenMP's static
- * schedule splits a loop, so the standalone products and the step split alike). */
+/* Blocks [lo, hi) of n for thread t of T: equal shares, the first n % T threads one more (OpenMP's static
+ * schedule). */
 static inline void mp_range(long n, int t, int T, long *lo, long *hi) {
     const long q = n / T, r = n % T;
     *lo = t * q + (t < r ? t : r);
     *hi = *lo + q + (t < r ? 1 : 0);
 }
 
-/* Thread t's share of y = panel . x (+ bias), inside a parallel region. */
-static void mp_product_part(const mp_model *m, const void *panel, const float *x, const float *bias, float *y,
-                            long n, long k, int t, int T) {
+/* Thread t's share of y = panel . x (+ bias), inside a parallel region; `bf16` is a constant at each call. */
+static inline __attribute__((always_inline)) void mp_panel_part(const void *panel, int bf16, const float *x,
+                                                                const float *bias, float *y, long n, long k, int t,
+                                                                int T) {
     const long slices = mp_pad(k, MP_V) / MP_V;
     long lo, hi;
     mp_range(mp_pad(n, MP_R) / MP_R, t, T, &lo, &hi);
+    for (long b = lo; b < hi; b++) mp_panel_rows(panel, bf16, x, bias, y, n, slices, b);
+}
+
+/* y[0 : ceil(N/R) R] = panel . x (+ bias[0:N]); x has mp_pad(K, 16) floats, zero beyond K. */
+void mp_gemv(const float *panel, const float *x, const float *bias, float *y, long n, long k) {
+#pragma omp parallel
+    mp_panel_part(panel, 0, x, bias, y, n, k, omp_get_thread_num(), omp_get_num_threads());
+}
+
+/* mp_gemv over a bf16 panel: the fp32 product with bf16-rounded weights, reading half the bytes. */
+void mp_gemv_bf16(const unsigned short *panel, const float *x, const float *bias, float *y, long n, long k) {
+#pragma omp parallel
+    mp_panel_part(panel, 1, x, bias, y, n, k, omp_get_thread_num(), omp_get_num_threads());
+}
+
+/* Thread t's share of one of the step's products, in the model's weight type. */
+static void mp_product_part(const mp_model *m, const void *panel, const float *x, const float *bias, float *y,
+                            long n, long k, int t, int T) {
     if (m->wtype == 1)
-        for (long b = lo; b < hi; b++) mp_panel_rows(panel, 1, x, bias, y, n, slices, b);
+        mp_panel_part(panel, 1, x, bias, y, n, k, t, T);
     else
-        for (long b = lo; b < hi; b++) mp_panel_rows(panel, 0, x, bias, y, n, slices, b);
+        mp_panel_part(panel, 0, x, bias, y, n, k, t, T);
 }
 
 /* out = w * x / sqrt(mean(x^2) + eps), LlamaRMSNorm in fp32. */
